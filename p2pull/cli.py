@@ -1,0 +1,171 @@
+"""``p2pull`` command line: argument parsing and progress rendering only; the work is done
+by ``p2pull.client``. Exit codes are listed in ``p2pull.errors.EXIT_CODES``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import trio
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress as Bars, TaskID, TextColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
+
+from p2pull import client
+from p2pull.config import load_config, parse_size
+from p2pull.errors import EXIT_CODES, P2pullError, UsageError
+from p2pull.net.fetch import Progress
+
+#: redraws per second of the progress bars
+REFRESH_HZ = 8
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="p2pull", description="Pull models and images from OCI registries, verified.",
+        epilog="exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()))
+    parser.add_argument("--config", type=Path, help="TOML config file (default $P2PULL_CONFIG)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    get = commands.add_parser("get", help="fetch a ref into the store and a directory")
+    get.add_argument("ref", help="[registry/]repository[:tag][@sha256:...]")
+    get.add_argument("-o", "--output", type=Path, help="directory to show the files in")
+    get.add_argument("--platform", help="os/arch[/variant] to pick from an index "
+                                        "(default: this host's)")
+    get.add_argument("--format", choices=client.FORMATS, default="files",
+                     help="files (default) or an OCI image layout")
+    get.add_argument("--force", action="store_true",
+                     help="replace an existing output directory that p2pull did not make")
+    get.add_argument("--json", action="store_true", help="print the result as JSON")
+    get.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    push = commands.add_parser("push", help="pack a directory as a model artifact and push it")
+    push.add_argument("directory", type=Path)
+    push.add_argument("ref")
+
+    ls = commands.add_parser("ls", help="list the refs held in the store")
+    ls.add_argument("--json", action="store_true")
+
+    rm = commands.add_parser("rm", help="forget a ref (its blobs go at the next gc)")
+    rm.add_argument("ref")
+
+    gc = commands.add_parser("gc", help="delete blobs no ref needs; cap the store's size")
+    gc.add_argument("--max-size", help="evict least recently used refs above this, e.g. 50GiB")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    console = Console(stderr=True)
+    try:
+        config = load_config(args.config)
+        return _COMMANDS[args.command](args, config, console)
+    except P2pullError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.print("interrupted; run the same command again to resume")
+        return 130
+
+
+def _get(args, config, console: Console) -> int:
+    progress = Progress()
+    result = trio.run(_get_with_bars, args, config, progress, console)
+    summary = {"ref": str(result.ref), "manifest": result.manifest_digest,
+               "output": str(result.output) if result.output else None,
+               "bytes": result.total_bytes, "from_origin": result.from_origin,
+               "from_peers": result.from_peers, "reused": result.reused,
+               "seconds": round(result.seconds, 3), "offline": result.offline}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        rate = (result.from_origin + result.from_peers) / max(result.seconds, 1e-9)
+        where = f" -> {result.output}" if result.output else ""
+        console.print(f"{result.ref}{where}: {_mib(result.total_bytes)} in "
+                      f"{result.seconds:.1f}s ({_mib(rate)}/s); origin "
+                      f"{_mib(result.from_origin)}, peers {_mib(result.from_peers)}, "
+                      f"already held {_mib(result.reused)}", highlight=False)
+    return 0
+
+
+async def _get_with_bars(args, config, progress: Progress, console: Console):
+    kwargs = dict(output=args.output, platform=args.platform, force=args.force,
+                  format=args.format, config=config, progress=progress)
+    if args.quiet or args.json or not console.is_terminal:
+        return await client.get(args.ref, **kwargs)
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    with Bars(*columns, console=console, transient=False) as bars:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_render, bars, progress)
+            try:
+                return await client.get(args.ref, **kwargs)
+            finally:
+                nursery.cancel_scope.cancel()
+                _draw(bars, progress, {})
+
+
+async def _render(bars: Bars, progress: Progress) -> None:
+    tasks: dict[str, TaskID] = {}
+    while True:
+        _draw(bars, progress, tasks)
+        await trio.sleep(1 / REFRESH_HZ)
+
+
+def _draw(bars: Bars, progress: Progress, tasks: dict[str, TaskID]) -> None:
+    if "total" not in tasks and progress.blobs:
+        tasks["total"] = bars.add_task("total", total=progress.total)
+    for digest, blob in progress.blobs.items():
+        if digest not in tasks:
+            tasks[digest] = bars.add_task(blob.title, total=blob.size)
+        bars.update(tasks[digest], completed=blob.held,
+                    description=f"{blob.title[:28]:28} {blob.state:9}")
+    if "total" in tasks:
+        bars.update(tasks["total"], completed=progress.held, total=progress.total,
+                    description=f"{'total':28} origin {_mib(progress.from_origin)} "
+                                f"peers {_mib(progress.from_peers)}")
+
+
+def _push(args, config, console: Console) -> int:
+    from p2pull.origin.push import push_directory
+    digest = trio.run(push_directory, args.directory, args.ref, config)
+    print(digest)
+    return 0
+
+
+def _ls(args, config, console: Console) -> int:
+    records = client.ls(config)
+    if args.json:
+        print(json.dumps([record.__dict__ for record in records]))
+        return 0
+    for record in records:
+        print(f"{record.ref:60} {record.manifest[:19]}  {_mib(record.size):>10}")
+    return 0
+
+
+def _rm(args, config, console: Console) -> int:
+    if not client.rm(args.ref, config):
+        raise UsageError(f"{args.ref} is not held; `p2pull ls` lists what is")
+    return 0
+
+
+def _gc(args, config, console: Console) -> int:
+    deleted, freed = client.gc(parse_size(args.max_size) if args.max_size else None, config)
+    console.print(f"deleted {deleted} blobs, freed {_mib(freed)}")
+    return 0
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+_COMMANDS = {"get": _get, "push": _push, "ls": _ls, "rm": _rm, "gc": _gc}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Configuration: one frozen value, read from a TOML file and then P2PULL_* variables.
+
+The contract is the table in DESIGN.md: every key of ``configs/p2pull.toml`` and the
+environment variable that overrides it. Reading the config is the only place that looks at
+the environment, so the rest of the code takes a ``Config`` and is easy to test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from p2pull.errors import UsageError
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """Settings for one registry host, from a ``[registries."host"]`` table."""
+
+    #: user name for HTTP basic auth or for the token endpoint
+    username: str | None = None
+    #: password or token paired with ``username``
+    password: str | None = None
+    #: hosts tried, in order, before this one; each serves the same repositories
+    mirrors: tuple[str, ...] = ()
+    #: reach this registry over plain HTTP (loopback registries always are)
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    #: the store: blobs, partial downloads, manifests, refs
+    data_dir: Path = field(default_factory=lambda: default_data_dir())
+    #: the daemon's local API (Unix socket)
+    socket: Path = field(default_factory=lambda: default_data_dir() / "p2pull.sock")
+    #: host:port of the peer protocol
+    listen: str = "0.0.0.0:7420"
+    #: cluster name; peers of another cluster are ignored
+    cluster: str = "default"
+    #: file holding the cluster secret for the peer handshake
+    secret_file: Path | None = None
+    #: static peers as host:port
+    peers: tuple[str, ...] = ()
+    #: discovery methods: mdns, static, dns:NAME
+    discovery: tuple[str, ...] = ("mdns", "static")
+    #: chunk size in bytes, or None for the protocol's function of the blob size
+    chunk_size: int | None = None
+    #: host:port of the registry mirror endpoint, or None for off
+    mirror_listen: str | None = None
+    #: host:port of the Prometheus endpoint, or None for off
+    metrics_listen: str | None = None
+    #: registry hosts reached over plain HTTP
+    insecure_registries: tuple[str, ...] = ()
+    #: registry used when a ref names none (Docker's rule)
+    default_registry: str = "docker.io"
+    #: upper bound on parallel ranged requests to the origin for one blob
+    origin_max_connections: int = 16
+    #: attempts per request before the origin is declared unavailable
+    origin_attempts: int = 8
+    #: seconds without progress on one origin request before it is retried
+    origin_timeout: float = 30.0
+    #: per-registry credentials and mirrors
+    registries: Mapping[str, RegistryConfig] = field(default_factory=dict)
+
+    def registry(self, host: str) -> RegistryConfig:
+        return self.registries.get(host, RegistryConfig())
+
+    def is_insecure(self, host: str) -> bool:
+        """Plain HTTP for listed hosts and, as Docker does, for loopback registries."""
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if name in ("localhost", "[::1]") or name.startswith("127."):
+            return True
+        return host in self.insecure_registries or self.registry(host).insecure
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "p2pull"
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+               "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
+               "tib": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """``"16MiB"`` -> 16777216. Decimal units are powers of ten, binary ones of two."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise UsageError(f"not a size: {text!r}; write a number with a unit such as 16MiB or 2GB")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def _split_list(value: str | list | tuple) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return tuple(str(part) for part in value)
+
+
+def _chunk_size(value: str | int) -> int | None:
+    if value in ("auto", "", None):
+        return None
+    size = parse_size(value)
+    if size < 64 * 1024:
+        raise UsageError(f"chunk_size {value!r} is below the 64KiB minimum")
+    return size
+
+
+# key -> (environment variable, converter from TOML or env text)
+_KEYS = {
+    "data_dir": ("P2PULL_DATA_DIR", Path),
+    "socket": ("P2PULL_SOCKET", Path),
+    "listen": ("P2PULL_LISTEN", str),
+    "cluster": ("P2PULL_CLUSTER", str),
+    "secret_file": ("P2PULL_SECRET_FILE", Path),
+    "peers": ("P2PULL_PEERS", _split_list),
+    "discovery": ("P2PULL_DISCOVERY", _split_list),
+    "chunk_size": ("P2PULL_CHUNK_SIZE", _chunk_size),
+    "mirror_listen": ("P2PULL_MIRROR_LISTEN", str),
+    "metrics_listen": ("P2PULL_METRICS_LISTEN", str),
+    "insecure_registries": ("P2PULL_INSECURE_REGISTRIES", _split_list),
+    "default_registry": ("P2PULL_DEFAULT_REGISTRY", str),
+    "origin_max_connections": ("P2PULL_ORIGIN_MAX_CONNECTIONS", int),
+    "origin_attempts": ("P2PULL_ORIGIN_ATTEMPTS", int),
+    "origin_timeout": ("P2PULL_ORIGIN_TIMEOUT", float),
+}
+
+
+def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = None,
+                **overrides) -> Config:
+    """Read ``path`` (or ``$P2PULL_CONFIG``; no file is fine), then the P2PULL_* variables,
+    then keyword ``overrides``. Unknown keys and bad values raise UsageError."""
+    env = os.environ if env is None else env
+    path = path or env.get("P2PULL_CONFIG")
+    raw: dict = {}
+    if path:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise UsageError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"config file {path} is not valid TOML: {exc}") from exc
+    values: dict = {}
+    for key, value in raw.items():
+        if key == "registries":
+            values["registries"] = _registries(value)
+        elif key in _KEYS:
+            values[key] = _convert(key, value)
+        else:
+            raise UsageError(f"unknown key {key!r} in {path}; see configs/p2pull.toml")
+    for key, (var, _) in _KEYS.items():
+        if var in env:
+            values[key] = _convert(key, env[var])
+    values.update(overrides)
+    if "data_dir" in values and "socket" not in values:
+        values["socket"] = Path(values["data_dir"]) / "p2pull.sock"
+    return Config(**values)
+
+
+def _convert(key: str, value):
+    convert = _KEYS[key][1]
+    try:
+        return convert(value)
+    except UsageError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"bad value {value!r} for {key}: {exc}") from exc
+
+
+def _registries(table: Mapping) -> dict[str, RegistryConfig]:
+    known = {f.name for f in dataclasses.fields(RegistryConfig)}
+    registries = {}
+    for host, settings in table.items():
+        unknown = set(settings) - known
+        if unknown:
+            raise UsageError(f"unknown keys {sorted(unknown)} in [registries.{host!r}]")
+        settings = dict(settings)
+        if "mirrors" in settings:
+            settings["mirrors"] = _split_list(settings["mirrors"])
+        registries[host] = RegistryConfig(**settings)
+    return registries

@@ -1,0 +1,63 @@
+"""How a blob is cut into chunks. Every node must cut a blob the same way, so the chunk size
+is a pure function of the blob size, fixed by the protocol version, unless a cluster-wide
+``chunk_size`` overrides it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PROTOCOL_VERSION = 1
+#: enough chunks per blob for a swarm to pipeline: the tail costs about (N-1)/k of the ideal
+#: time when k chunks finish together (DESIGN.md), so k in the hundreds keeps it small
+TARGET_CHUNKS_PER_BLOB = 256
+#: below this a ranged request costs more in round trips than it moves
+MIN_CHUNK_SIZE = 256 * 1024
+#: above this one lost chunk costs too much to fetch again, and memory per request grows
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
+
+
+def chunk_size_for(blob_size: int) -> int:
+    """Protocol v1: the power of two nearest above blob_size / TARGET_CHUNKS_PER_BLOB, kept
+    within [MIN_CHUNK_SIZE, MAX_CHUNK_SIZE]."""
+    if blob_size < 0:
+        raise ValueError(f"negative blob size {blob_size}")
+    wanted = max(1, -(-blob_size // TARGET_CHUNKS_PER_BLOB))
+    size = 1 << (wanted - 1).bit_length()
+    return min(MAX_CHUNK_SIZE, max(MIN_CHUNK_SIZE, size))
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """The chunks of one blob: fixed ``chunk_size`` slices, the last one shorter."""
+
+    blob_size: int
+    chunk_size: int
+
+    @classmethod
+    def for_blob(cls, blob_size: int, chunk_size: int | None = None) -> "ChunkPlan":
+        return cls(blob_size, chunk_size or chunk_size_for(blob_size))
+
+    def __post_init__(self):
+        if self.blob_size < 0 or self.chunk_size <= 0:
+            raise ValueError(f"bad chunk plan {self.blob_size}/{self.chunk_size}")
+
+    @property
+    def count(self) -> int:
+        """An empty blob has one empty chunk, so that every blob has a chunk to hold."""
+        return max(1, -(-self.blob_size // self.chunk_size))
+
+    def offset(self, index: int) -> int:
+        self._check(index)
+        return index * self.chunk_size
+
+    def length(self, index: int) -> int:
+        self._check(index)
+        return min(self.chunk_size, self.blob_size - index * self.chunk_size)
+
+    def span(self, index: int) -> tuple[int, int]:
+        """(offset, length) of chunk ``index``."""
+        return self.offset(index), self.length(index)
+
+    def _check(self, index: int) -> None:
+        if not 0 <= index < self.count:
+            raise IndexError(f"chunk {index} outside 0..{self.count - 1}")

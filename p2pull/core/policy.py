@@ -1,0 +1,70 @@
+"""Bandwidth and retry policy: pure functions and small state machines, fed with measured
+bytes, time and randomness by the caller."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+#: a new window counts as better only above this gain, so noise does not grow the pool
+GROWTH_THRESHOLD = 1.10
+#: a window shorter than this measures scheduling noise rather than throughput
+MIN_WINDOW_SECONDS = 0.25
+
+
+@dataclass
+class AdaptiveConcurrency:
+    """How many ranged requests to keep in flight against one origin.
+
+    Starts small, doubles while each measured window is clearly faster than the best so far
+    (a far origin caps each connection, so more connections help), holds once throughput
+    stops rising, and halves when the origin pushes back (429/503)."""
+
+    limit: int = 4
+    cap: int = 16
+    floor: int = 1
+    best_rate: float = 0.0
+    _window_start: float | None = None
+    _window_bytes: int = 0
+
+    def __post_init__(self):
+        self.limit = max(self.floor, min(self.limit, self.cap))
+
+    def on_bytes(self, nbytes: int, now: float) -> int:
+        """Record ``nbytes`` received at time ``now``; return the limit to use from now."""
+        if self._window_start is None:
+            self._window_start = now
+        self._window_bytes += nbytes
+        elapsed = now - self._window_start
+        if elapsed >= MIN_WINDOW_SECONDS:
+            rate = self._window_bytes / elapsed
+            if rate > self.best_rate * GROWTH_THRESHOLD:
+                if self.best_rate:
+                    self.limit = min(self.cap, self.limit * 2)
+                self.best_rate = rate
+            self._window_start, self._window_bytes = now, 0
+        return self.limit
+
+    def on_pushback(self, now: float) -> int:
+        """The origin answered 429 or 503: back off, and measure afresh."""
+        self.limit = max(self.floor, self.limit // 2)
+        self.best_rate = 0.0
+        self._window_start, self._window_bytes = now, 0
+        return self.limit
+
+
+#: first retry waits up to this long
+BACKOFF_BASE_SECONDS = 0.2
+#: no single wait between attempts is longer than this
+BACKOFF_CAP_SECONDS = 10.0
+
+
+def backoff_delay(attempt: int, rng: random.Random, retry_after: float | None = None) -> float:
+    """Seconds to wait before attempt ``attempt + 1`` (``attempt`` counts from 1): full
+    jitter over an exponential ceiling, so a crowd of clients does not retry in step; never
+    less than the server's Retry-After."""
+    ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (attempt - 1))
+    delay = rng.uniform(0, ceiling)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, 60.0))
+    return delay

@@ -1,0 +1,302 @@
+"""Fetch the blobs of a manifest into the store: one session per blob, one shared pool of
+ranged origin requests.
+
+Ownership: ``fetch_blobs`` owns a nursery with one task per blob session and the origin
+workers. A session owns its PartialBlob (and so the blob's lock) and one hashing task that
+feeds held chunks to the sha256 while downloads continue. Chunks come from the origin here;
+the swarm adds peers as a second source of the same chunks (the seam is ``ChunkSource``).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import trio
+import xxhash
+
+from p2pull.core.chunks import ChunkPlan
+from p2pull.core.policy import AdaptiveConcurrency
+from p2pull.core.refs import Ref
+from p2pull.errors import IntegrityError, OriginError
+from p2pull.origin.client import OriginClient
+from p2pull.origin.manifest import Descriptor
+from p2pull.store.cas import PartialBlob, Store
+
+#: bytes gathered from the network before one pwrite in a worker thread: large enough that
+#: the thread hand-off is cheap against the write, small enough to bound memory per request
+WRITE_BATCH = 1024 * 1024
+#: how often a session waiting for another process's lock on the same blob looks again
+LOCK_POLL_SECONDS = 0.1
+#: refetches of a blob whose bytes did not match its digest, before giving up: one for
+#: chunks torn by a crash, one for a whole blob an origin served wrong once
+INTEGRITY_RETRIES = 2
+#: concurrency the origin pool starts at, before it measures
+INITIAL_ORIGIN_CONCURRENCY = 4
+#: the largest range asked in one request: a broken connection costs at most a resume, but
+#: a long request keeps a slow connection busy at the tail of a blob
+MAX_REQUEST_BYTES = 32 * 1024 * 1024
+
+
+@dataclass
+class BlobProgress:
+    digest: str
+    size: int
+    title: str
+    #: queued, waiting (another process has it), fetching, verifying, done
+    state: str = "queued"
+    held: int = 0
+    from_origin: int = 0
+    from_peers: int = 0
+    reused: int = 0
+
+
+@dataclass
+class Progress:
+    """Counters of one get, updated by the fetch and read by whoever renders them."""
+
+    blobs: dict[str, BlobProgress] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(b.size for b in self.blobs.values())
+
+    @property
+    def held(self) -> int:
+        return sum(b.held for b in self.blobs.values())
+
+    @property
+    def from_origin(self) -> int:
+        return sum(b.from_origin for b in self.blobs.values())
+
+    @property
+    def from_peers(self) -> int:
+        return sum(b.from_peers for b in self.blobs.values())
+
+    @property
+    def reused(self) -> int:
+        return sum(b.reused for b in self.blobs.values())
+
+
+class _OriginPool:
+    """Ranged requests to the origin for chunks of any blob of one get, kept at the
+    concurrency that AdaptiveConcurrency finds best."""
+
+    def __init__(self, origin: OriginClient, ref: Ref, nursery: trio.Nursery, cap: int):
+        self.origin = origin
+        self.ref = ref
+        self._nursery = nursery
+        # (session, first chunk, number of chunks) of each request still to make
+        self._jobs: collections.deque[tuple[BlobSession, int, int]] = collections.deque()
+        self._workers = 0
+        self.concurrency = AdaptiveConcurrency(limit=min(INITIAL_ORIGIN_CONCURRENCY, cap),
+                                               cap=cap)
+
+    def submit(self, session: "BlobSession", missing: list[int]) -> None:
+        """Queue ``missing`` chunks as runs of consecutive chunks, one request per run: the
+        registry costs milliseconds per request, so requests should be large, yet there
+        must be enough of them to keep ``cap`` connections busy."""
+        plan = session.plan
+        span_bytes = sum(plan.length(i) for i in missing) // (2 * self.concurrency.cap)
+        span_chunks = max(1, min(MAX_REQUEST_BYTES, span_bytes) // plan.chunk_size)
+        run: list[int] = []
+        for index in missing:
+            if run and (index != run[-1] + 1 or len(run) == span_chunks):
+                self._jobs.append((session, run[0], len(run)))
+                run = []
+            run.append(index)
+        if run:
+            self._jobs.append((session, run[0], len(run)))
+        self._spawn()
+
+    def on_bytes(self, nbytes: int) -> None:
+        before = self.concurrency.limit
+        if self.concurrency.on_bytes(nbytes, trio.current_time()) > before:
+            self._spawn()
+
+    def on_pushback(self) -> None:
+        self.concurrency.on_pushback(trio.current_time())
+
+    def _spawn(self) -> None:
+        while self._jobs and self._workers < min(self.concurrency.limit, len(self._jobs)
+                                                 + self._workers):
+            self._workers += 1
+            self._nursery.start_soon(self._worker)
+
+    async def _worker(self) -> None:
+        try:
+            while self._jobs and self._workers <= self.concurrency.limit:
+                session, first, count = self._jobs.popleft()
+                await session.fetch_from_origin(first, count, self)
+        finally:
+            self._workers -= 1
+        self._spawn()
+
+
+class BlobSession:
+    """Brings one blob into the store, resuming what an earlier run left."""
+
+    def __init__(self, store: Store, ref: Ref, descriptor: Descriptor, progress: BlobProgress,
+                 chunk_size: int | None):
+        self.store = store
+        self.ref = ref
+        self.descriptor = descriptor
+        self.progress = progress
+        self.plan = ChunkPlan.for_blob(descriptor.size, chunk_size)
+        self.partial: PartialBlob | None = None
+        self.host: str | None = None
+        self._committed = trio.Event()
+        self._integrity_failures = 0
+
+    async def run(self, pool: _OriginPool) -> None:
+        if await self._wait_for_lock():
+            return
+        try:
+            first_round = True
+            while True:
+                missing = list(self.partial.bitmap.missing())
+                self.progress.held = self.descriptor.size - sum(
+                    self.plan.length(i) for i in missing)
+                if first_round:
+                    self.progress.reused = self.progress.held
+                    first_round = False
+                if missing:
+                    if self.host is None:
+                        await self._find_host(pool.origin)
+                    self.progress.state = "fetching"
+                    pool.submit(self, missing)
+                if await self._hash_and_publish():
+                    self.progress.state = "done"
+                    return
+        finally:
+            self.partial.close()
+
+    async def _wait_for_lock(self) -> bool:
+        """Take the blob's lock; True if the blob is (or became) complete meanwhile."""
+        while True:
+            if self.store.has_blob(self.descriptor.digest, self.descriptor.size):
+                self.progress.held = self.progress.reused = self.descriptor.size
+                self.progress.state = "done"
+                self.store.touch(self.descriptor.digest)
+                return True
+            self.partial = await trio.to_thread.run_sync(
+                self.store.try_open_partial, self.descriptor.digest, self.descriptor.size,
+                self.plan.chunk_size)
+            if self.partial is not None:
+                return False
+            self.progress.state = "waiting"
+            await trio.sleep(LOCK_POLL_SECONDS)
+
+    async def _find_host(self, origin: OriginClient) -> None:
+        self.host, size = await origin.blob_host(self.ref, self.descriptor.digest)
+        if size >= 0 and size != self.descriptor.size:
+            raise OriginError(f"{self.host} holds {self.descriptor.digest} with {size} bytes "
+                              f"but the manifest says {self.descriptor.size}")
+
+    async def _hash_and_publish(self) -> bool:
+        """Hash chunks as they land; when all are held, publish. False if chunks were found
+        damaged or wrong and must be fetched again."""
+        partial = self.partial
+        while True:
+            self._committed = trio.Event()
+            if await trio.to_thread.run_sync(partial.advance_hash):
+                break
+            await self._committed.wait()
+        self.progress.state = "verifying"
+        try:
+            await trio.to_thread.run_sync(partial.publish)
+            return True
+        except IntegrityError as exc:
+            self._integrity_failures += 1
+            damaged = await trio.to_thread.run_sync(partial.find_damaged_chunks)
+            if not damaged:
+                partial.discard_all()
+            if self._integrity_failures > INTEGRITY_RETRIES:
+                raise IntegrityError(f"{self.ref}: the origin served bytes for "
+                                     f"{self.descriptor.digest} that do not match it, "
+                                     f"{self._integrity_failures} times; nothing was "
+                                     "published") from exc
+            return False
+
+    async def fetch_from_origin(self, first: int, count: int, pool: _OriginPool) -> None:
+        """Fetch chunks ``first .. first+count-1`` with one HTTP Range request, write them as
+        they stream in, and commit each with the xxh3 of exactly the bytes written."""
+        writer = _ChunkWriter(self, first)
+        start = self.plan.offset(first)
+        last_offset, last_length = self.plan.span(first + count - 1)
+
+        async def sink(piece: memoryview) -> None:
+            self.progress.from_origin += len(piece)
+            pool.on_bytes(len(piece))
+            await writer.feed(piece)
+
+        try:
+            await pool.origin.read_blob_range(self.ref, self.descriptor.digest, start,
+                                              last_offset + last_length - start, sink,
+                                              on_pushback=pool.on_pushback, host=self.host)
+        finally:
+            self.progress.held -= writer.uncommitted
+
+    def committed(self, index: int, checksum: bytes) -> None:
+        self.partial.commit(index, checksum)
+        self._committed.set()
+
+
+class _ChunkWriter:
+    """Cuts a byte stream that starts at chunk ``first`` into chunks: buffers up to
+    WRITE_BATCH, writes in a worker thread, commits each chunk when its last byte is
+    written."""
+
+    def __init__(self, session: BlobSession, first: int):
+        self.session = session
+        self.index = first
+        self.position = 0  # bytes of chunk ``index`` received
+        self.written = 0  # bytes of chunk ``index`` written
+        self.checksum = xxhash.xxh3_128()
+        self.pending: list = []
+        self.uncommitted = 0  # counted in progress.held but not committed yet
+
+    async def feed(self, piece: memoryview) -> None:
+        plan = self.session.plan
+        while piece:
+            length = plan.length(self.index)
+            take = min(len(piece), length - self.position)
+            part, piece = piece[:take], piece[take:]
+            self.checksum.update(part)
+            self.pending.append(part)
+            self.position += take
+            self.uncommitted += take
+            self.session.progress.held += take
+            if self.position == length:
+                await self._flush()
+                self.session.committed(self.index, self.checksum.digest())
+                self.uncommitted -= length
+                self.index += 1
+                self.position = self.written = 0
+                self.checksum = xxhash.xxh3_128()
+            elif self.position - self.written >= WRITE_BATCH:
+                await self._flush()
+
+    async def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        await trio.to_thread.run_sync(self.session.partial.write_many, self.index, self.written,
+                                      batch)
+        self.written = self.position
+
+
+async def fetch_blobs(store: Store, origin: OriginClient, ref: Ref,
+                      descriptors: list[Descriptor], progress: Progress,
+                      chunk_size: int | None = None) -> None:
+    """Bring every blob of ``descriptors`` into ``store``, verified. Raises the first error
+    of any blob; partial downloads stay for the next attempt."""
+    for descriptor in descriptors:
+        title = descriptor.annotations.get("org.opencontainers.image.title") or \
+            descriptor.digest[7:19]
+        progress.blobs.setdefault(descriptor.digest,
+                                  BlobProgress(descriptor.digest, descriptor.size, title))
+    async with trio.open_nursery() as nursery:
+        pool = _OriginPool(origin, ref, nursery, origin.config.origin_max_connections)
+        for descriptor in descriptors:
+            session = BlobSession(store, ref, descriptor, progress.blobs[descriptor.digest],
+                                  chunk_size)
+            nursery.start_soon(session.run, pool)

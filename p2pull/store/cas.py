@@ -1,0 +1,405 @@
+"""The content-addressed store under the data directory (layout in DESIGN.md).
+
+    blobs/sha256/<hex>        complete, verified, read-only
+    partial/<hex>             a download in progress, at its full size
+    partial/<hex>.chunks      its chunk log: a header, then (index, xxh3-128) per held chunk
+    partial/<hex>.lock        flock'd by the one process writing that blob
+    manifests/sha256/<hex>    manifests of recorded refs, as served
+    refs/<registry>/<repo>/<tag>.json   what a ref resolved to, for ls, rm and gc
+    trees/<hex>               files of a manifest, materialised (hard links into blobs/)
+
+A chunk is in the log only after its bytes were written, so a killed process resumes with
+exactly the chunks it held. Nothing enters ``blobs/`` before its sha256 matched.
+Synchronous file I/O: callers under trio run the slow parts in a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from p2pull.core.bitmap import Bitmap
+from p2pull.core.chunks import ChunkPlan
+from p2pull.core.refs import Ref, parse_ref, validate_digest
+from p2pull.errors import DiskFullError, IntegrityError, StoreError
+
+_LOG_MAGIC = b"P2PCHNK1"
+_LOG_HEADER = struct.Struct(">8sQQ")  # magic, blob size, chunk size
+_LOG_RECORD = struct.Struct(">I16s")  # chunk index, xxh3-128 of its bytes
+#: bytes read per call while hashing a held prefix; large reads keep hashlib off the GIL
+HASH_READ_SIZE = 4 * 1024 * 1024
+
+
+def _hex(digest: str) -> str:
+    return validate_digest(digest).split(":", 1)[1]
+
+
+def _store_error(exc: OSError, what: str) -> StoreError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"disk full while {what}; free space under the data directory "
+                             "and run the same command again: it resumes")
+    return StoreError(f"{what} failed: {exc}")
+
+
+def chunk_checksum(data) -> bytes:
+    return xxhash.xxh3_128_digest(data)
+
+
+@dataclass(frozen=True)
+class RefRecord:
+    ref: str
+    manifest: str
+    media_type: str
+    size: int
+    updated: float
+
+    @property
+    def parsed(self) -> Ref:
+        return parse_ref(self.ref)
+
+
+class Store:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        try:
+            for sub in ("blobs/sha256", "partial", "manifests/sha256", "refs", "trees"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _store_error(exc, f"creating the store at {self.root}") from exc
+
+    # -- blobs ----------------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        return self.root / "blobs" / "sha256" / _hex(digest)
+
+    def has_blob(self, digest: str, size: int | None = None) -> bool:
+        try:
+            held = self.blob_path(digest).stat().st_size
+        except FileNotFoundError:
+            return False
+        return size is None or held == size
+
+    def touch(self, digest: str) -> None:
+        """Mark a blob used now, for least-recently-used eviction."""
+        try:
+            os.utime(self.blob_path(digest))
+        except OSError:
+            pass
+
+    def try_open_partial(self, digest: str, size: int, chunk_size: int) -> "PartialBlob | None":
+        """The partial download of ``digest``, locked for this process; None while another
+        process holds the lock (wait, then check ``has_blob`` again)."""
+        hex_part = _hex(digest)
+        lock_path = self.root / "partial" / f"{hex_part}.lock"
+        while True:
+            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(lock_fd)
+                return None
+            # The holder before us unlinks the lock file when it publishes: a lock on an
+            # unlinked inode protects nothing, so take the one now at the path.
+            try:
+                if os.stat(lock_path).st_ino == os.fstat(lock_fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(lock_fd)
+        try:
+            return PartialBlob(self, digest, ChunkPlan(size, chunk_size), lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    # -- manifests and refs -----------------------------------------------------------------
+
+    def save_manifest(self, digest: str, raw: bytes) -> None:
+        self._write_atomic(self.root / "manifests" / "sha256" / _hex(digest), raw)
+
+    def load_manifest(self, digest: str) -> bytes:
+        return (self.root / "manifests" / "sha256" / _hex(digest)).read_bytes()
+
+    def _ref_path(self, ref: Ref) -> Path:
+        name = ref.tag or (ref.digest or "").replace(":", "-") or "latest"
+        return self.root / "refs" / ref.registry / ref.repository / f"{name}.json"
+
+    def record_ref(self, ref: Ref, manifest_digest: str, media_type: str, size: int) -> None:
+        """Point ``ref`` at a manifest; replaces the previous target atomically."""
+        record = {"ref": str(Ref(ref.registry, ref.repository, ref.tag,
+                                 None if ref.tag else ref.digest)),
+                  "manifest": manifest_digest, "media_type": media_type, "size": size,
+                  "updated": time.time()}
+        path = self._ref_path(ref)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_atomic(path, json.dumps(record, indent=1).encode())
+
+    def refs(self) -> list[RefRecord]:
+        records = []
+        for path in sorted((self.root / "refs").rglob("*.json")):
+            try:
+                records.append(RefRecord(**json.loads(path.read_text())))
+            except (OSError, ValueError, TypeError):
+                continue  # a record being replaced, or not ours
+        return records
+
+    def remove_ref(self, ref: Ref) -> bool:
+        try:
+            self._ref_path(ref).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def tree_dir(self, manifest_digest: str) -> Path:
+        return self.root / "trees" / _hex(manifest_digest)
+
+    # -- size and eviction ----------------------------------------------------------------
+
+    def referenced_digests(self, records: list[RefRecord]) -> set[str]:
+        """Manifests of ``records`` and every blob they name."""
+        digests = set()
+        for record in records:
+            digests.add(record.manifest)
+            try:
+                manifest = json.loads(self.load_manifest(record.manifest))
+            except (OSError, ValueError):
+                continue
+            for descriptor in [manifest.get("config") or {}, *manifest.get("layers", [])]:
+                if isinstance(descriptor, dict) and "digest" in descriptor:
+                    digests.add(descriptor["digest"])
+        return digests
+
+    def blobs(self) -> list[tuple[str, int, float]]:
+        """(digest, size, last used) of every complete blob."""
+        found = []
+        for path in (self.root / "blobs" / "sha256").iterdir():
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            found.append((f"sha256:{path.name}", st.st_size, st.st_mtime))
+        return found
+
+    def gc(self, max_size: int | None = None) -> tuple[int, int]:
+        """Delete blobs, manifests and trees no ref needs; then, while the blobs exceed
+        ``max_size``, drop the least recently updated refs and what only they needed.
+        Returns (blobs deleted, bytes freed). Partial downloads are kept (they resume)."""
+        records = sorted(self.refs(), key=lambda r: r.updated)
+        deleted = freed = 0
+        while True:
+            keep = self.referenced_digests(records)
+            for digest, size, _ in self.blobs():
+                if digest not in keep:
+                    self.blob_path(digest).unlink(missing_ok=True)
+                    deleted, freed = deleted + 1, freed + size
+            for folder in ("manifests/sha256", "trees"):
+                for path in (self.root / folder).iterdir():
+                    if f"sha256:{path.name}" not in keep:
+                        shutil.rmtree(path) if path.is_dir() else path.unlink()
+            total = sum(size for _, size, _ in self.blobs())
+            if max_size is None or total <= max_size or not records:
+                return deleted, freed
+            oldest = records.pop(0)
+            self.remove_ref(oldest.parsed)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _write_atomic(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _store_error(exc, f"writing {path}") from exc
+
+
+class PartialBlob:
+    """A blob being downloaded by this process, which holds its lock until ``close()``.
+
+    ``write`` puts bytes at their place; ``commit`` records a whole chunk as held (after its
+    bytes were written and checked). ``advance_hash`` feeds the held prefix to the blob's
+    sha256 as chunks arrive, so ``publish`` at the end has little left to hash."""
+
+    def __init__(self, store: Store, digest: str, plan: ChunkPlan, lock_fd: int):
+        self.store = store
+        self.digest = digest
+        self.plan = plan
+        self._lock_fd = lock_fd
+        hex_part = _hex(digest)
+        self.data_path = store.root / "partial" / hex_part
+        self.log_path = store.root / "partial" / f"{hex_part}.chunks"
+        self.lock_path = store.root / "partial" / f"{hex_part}.lock"
+        self.bitmap = Bitmap(plan.count)
+        self.checksums: dict[int, bytes] = {}
+        self._hasher = hashlib.sha256()
+        self._hashed_chunks = 0
+        try:
+            self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._load_log()
+            if os.fstat(self._fd).st_size != plan.blob_size:
+                os.posix_fallocate(self._fd, 0, max(1, plan.blob_size))
+                os.ftruncate(self._fd, plan.blob_size)
+        except OSError as exc:
+            self.close()
+            raise _store_error(exc, f"preparing {plan.blob_size} bytes for {digest}") from exc
+
+    def _load_log(self) -> None:
+        """Resume from the chunk log when it describes this same plan; otherwise start over."""
+        header = _LOG_HEADER.pack(_LOG_MAGIC, self.plan.blob_size, self.plan.chunk_size)
+        try:
+            log = self.log_path.read_bytes()
+        except FileNotFoundError:
+            log = b""
+        if log[:_LOG_HEADER.size] == header:
+            body = log[_LOG_HEADER.size:]
+            usable = len(body) - len(body) % _LOG_RECORD.size  # a torn last record is dropped
+            for index, checksum in _LOG_RECORD.iter_unpack(body[:usable]):
+                if index < self.plan.count:
+                    self.bitmap.add(index)
+                    self.checksums[index] = checksum
+            self._log = open(self.log_path, "r+b")
+            self._log.truncate(_LOG_HEADER.size + usable)
+            self._log.seek(0, os.SEEK_END)
+        else:
+            self._log = open(self.log_path, "wb")
+            self._log.write(header)
+            self._log.flush()
+
+    @property
+    def complete(self) -> bool:
+        return self.bitmap.complete
+
+    def write(self, index: int, offset_in_chunk: int, data) -> None:
+        """Put ``data`` at ``offset_in_chunk`` of chunk ``index`` (not yet held)."""
+        offset, length = self.plan.span(index)
+        if offset_in_chunk + len(data) > length:
+            raise StoreError(f"write past the end of chunk {index} of {self.digest}")
+        try:
+            written = os.pwrite(self._fd, data, offset + offset_in_chunk)
+            while written < len(data):
+                written += os.pwrite(self._fd, data[written:], offset + offset_in_chunk + written)
+        except OSError as exc:
+            raise _store_error(exc, f"writing {self.digest}") from exc
+
+    def write_many(self, index: int, offset_in_chunk: int, buffers: list) -> None:
+        """``write`` of consecutive buffers in one system call."""
+        offset, length = self.plan.span(index)
+        total = sum(len(buffer) for buffer in buffers)
+        if offset_in_chunk + total > length:
+            raise StoreError(f"write past the end of chunk {index} of {self.digest}")
+        try:
+            written = os.pwritev(self._fd, buffers, offset + offset_in_chunk)
+        except OSError as exc:
+            raise _store_error(exc, f"writing {self.digest}") from exc
+        if written < total:  # short writes are rare; finish the rest one buffer at a time
+            self.write(index, offset_in_chunk + written,
+                       b"".join(bytes(b) for b in buffers)[written:])
+
+    def commit(self, index: int, checksum: bytes) -> bool:
+        """Record chunk ``index`` as held, its bytes hashing to ``checksum``. False if it was
+        held already (a duplicate from endgame or a slow peer)."""
+        if not self.bitmap.add(index):
+            return False
+        self.checksums[index] = checksum
+        try:
+            self._log.write(_LOG_RECORD.pack(index, checksum))
+            self._log.flush()
+        except OSError as exc:
+            self.bitmap.discard(index)
+            raise _store_error(exc, f"recording chunk {index} of {self.digest}") from exc
+        return True
+
+    def read_chunk(self, index: int) -> bytes:
+        offset, length = self.plan.span(index)
+        return os.pread(self._fd, length, offset)
+
+    def advance_hash(self) -> bool:
+        """Hash held chunks that continue the hashed prefix; True once all are hashed.
+        Runs in a worker thread; only one call at a time."""
+        while (self._hashed_chunks < self.plan.count and self._hashed_chunks in self.bitmap):
+            offset, length = self.plan.span(self._hashed_chunks)
+            end = offset + length
+            while offset < end:
+                data = os.pread(self._fd, min(HASH_READ_SIZE, end - offset), offset)
+                if not data:
+                    raise StoreError(f"{self.data_path} is shorter than expected")
+                self._hasher.update(data)
+                offset += len(data)
+            self._hashed_chunks += 1
+        return self._hashed_chunks == self.plan.count
+
+    def find_damaged_chunks(self) -> list[int]:
+        """Chunks whose bytes on disk no longer match their recorded xxh3 (a torn write
+        before a crash); they are dropped from the bitmap so they are fetched again."""
+        damaged = [index for index in self.bitmap.held()
+                   if chunk_checksum(self.read_chunk(index)) != self.checksums.get(index)]
+        if damaged:
+            for index in damaged:
+                self.bitmap.discard(index)
+                self.checksums.pop(index, None)
+            self._rewrite_log()
+        self._hasher, self._hashed_chunks = hashlib.sha256(), 0
+        return damaged
+
+    def discard_all(self) -> None:
+        """Forget every chunk: the next attempt fetches the blob from scratch."""
+        for index in list(self.bitmap.held()):
+            self.bitmap.discard(index)
+        self.checksums.clear()
+        self._rewrite_log()
+        self._hasher, self._hashed_chunks = hashlib.sha256(), 0
+
+    def _rewrite_log(self) -> None:
+        self._log.seek(_LOG_HEADER.size)
+        self._log.truncate()
+        for index in self.bitmap.held():
+            self._log.write(_LOG_RECORD.pack(index, self.checksums[index]))
+        self._log.flush()
+
+    def publish(self) -> Path:
+        """Check the sha256 and move the blob into ``blobs/``. Raises IntegrityError on a
+        mismatch (the caller decides whether to refetch) and publishes nothing then."""
+        if not self.advance_hash():
+            raise StoreError(f"publish of {self.digest} before all chunks are held")
+        actual = "sha256:" + self._hasher.hexdigest()
+        if actual != self.digest:
+            raise IntegrityError(f"blob {self.digest} hashed to {actual}; nothing was "
+                                 "published")
+        target = self.store.blob_path(self.digest)
+        try:
+            os.fsync(self._fd)
+            os.fchmod(self._fd, 0o444)
+            os.replace(self.data_path, target)
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            raise _store_error(exc, f"publishing {self.digest}") from exc
+        self.log_path.unlink(missing_ok=True)
+        self.lock_path.unlink(missing_ok=True)  # still locked by us: waiters re-check
+        return target
+
+    def close(self) -> None:
+        for closer in (lambda: self._log.close(), lambda: os.close(self._fd),
+                       lambda: os.close(self._lock_fd)):
+            try:
+                closer()
+            except (AttributeError, OSError):
+                pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""Test support: a real origin registry (CNCF Distribution), a bearer-token server, push helpers."""
