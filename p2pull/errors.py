@@ -96,3 +96,20 @@ EXIT_CODES = {
     11: "peer protocol error",
     130: "interrupted",
 }
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The exception to report from a nursery's group: the first P2pullError leaf (the other
+    tasks were merely cancelled because of it), else the group itself."""
+    leaves = []
+    stack = [group]
+    while stack:
+        exc = stack.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    for exc in leaves:
+        if isinstance(exc, (P2pullError, KeyboardInterrupt)):
+            return exc
+    return group

@@ -18,7 +18,7 @@ import xxhash
 from p2pull.core.chunks import ChunkPlan
 from p2pull.core.policy import AdaptiveConcurrency
 from p2pull.core.refs import Ref
-from p2pull.errors import IntegrityError, OriginError
+from p2pull.errors import IntegrityError, OriginError, first_error
 from p2pull.origin.client import OriginClient
 from p2pull.origin.manifest import Descriptor
 from p2pull.store.cas import PartialBlob, Store
@@ -294,9 +294,15 @@ async def fetch_blobs(store: Store, origin: OriginClient, ref: Ref,
             descriptor.digest[7:19]
         progress.blobs.setdefault(descriptor.digest,
                                   BlobProgress(descriptor.digest, descriptor.size, title))
-    async with trio.open_nursery() as nursery:
-        pool = _OriginPool(origin, ref, nursery, origin.config.origin_max_connections)
-        for descriptor in descriptors:
-            session = BlobSession(store, ref, descriptor, progress.blobs[descriptor.digest],
-                                  chunk_size)
-            nursery.start_soon(session.run, pool)
+    try:
+        async with trio.open_nursery() as nursery:
+            pool = _OriginPool(origin, ref, nursery, origin.config.origin_max_connections)
+            for descriptor in descriptors:
+                session = BlobSession(store, ref, descriptor,
+                                      progress.blobs[descriptor.digest], chunk_size)
+                nursery.start_soon(session.run, pool)
+    except BaseExceptionGroup as group:
+        error = first_error(group)
+        if error is group:
+            raise
+        raise error from None

@@ -230,13 +230,15 @@ class OriginClient:
         failures = 0
         while done < length:
             first = start + done
-            range_header = {"Range": f"bytes={first}-{start + length - 1}"}
+            # identity: a compressed body would not be the blob's bytes at these offsets
+            range_header = {"Range": f"bytes={first}-{start + length - 1}",
+                            "Accept-Encoding": "identity"}
             response = await self.send(host, "GET", path, scope=pull_scope(ref),
                                        headers=range_header, stream=True, ok=(200, 206),
                                        on_pushback=on_pushback)
             try:
                 skip = _range_skip(response, first, host, path)
-                async for piece in response.aiter_raw(READ_PIECE):
+                async for piece in response.aiter_raw():
                     if skip:
                         cut = min(skip, len(piece))
                         piece, skip = piece[cut:], skip - cut

@@ -99,8 +99,8 @@ class Store:
     def try_open_partial(self, digest: str, size: int, chunk_size: int) -> "PartialBlob | None":
         """The partial download of ``digest``, locked for this process; None while another
         process holds the lock (wait, then check ``has_blob`` again)."""
-        hex_part = _hex(digest)
-        lock_path = self.root / "partial" / f"{hex_part}.lock"
+        plan = ChunkPlan(size, chunk_size)
+        lock_path = self.root / "partial" / f"{_hex(digest)}.lock"
         while True:
             lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -116,11 +116,7 @@ class Store:
             except FileNotFoundError:
                 pass
             os.close(lock_fd)
-        try:
-            return PartialBlob(self, digest, ChunkPlan(size, chunk_size), lock_fd)
-        except BaseException:
-            os.close(lock_fd)
-            raise
+        return PartialBlob(self, digest, plan, lock_fd)  # closes lock_fd if it fails
 
     # -- manifests and refs -----------------------------------------------------------------
 
