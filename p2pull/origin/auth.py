@@ -165,7 +165,9 @@ class RegistryAuth:
         realm = self._challenge.params.get("realm")
         if not realm:
             raise AuthError(f"{self.host} sent a Bearer challenge without a realm")
-        params = {"scope": scope}
+        # a scope naming several resources (a cross-repository mount) is space-separated, as
+        # in challenges; the token spec asks for one scope parameter per resource
+        params = {"scope": scope.split()}
         if self._challenge.params.get("service"):
             params["service"] = self._challenge.params["service"]
         headers = {}
