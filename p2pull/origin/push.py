@@ -28,7 +28,7 @@ import stat
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
@@ -214,6 +214,47 @@ def image_manifest(config: Descriptor, layers: Iterable[Descriptor], created: st
     return _json(document)
 
 
+@dataclass(frozen=True)
+class PackedArtifact:
+    """A directory packed as a model artifact: what is pushed, or written as a layout."""
+
+    files: list[SourceFile]
+    layers: list[Descriptor]
+    config_blob: bytes
+    config: Descriptor
+    manifest: bytes
+    digest: str
+
+    def blob_paths(self) -> dict[str, Path]:
+        """Layer digest -> a file holding its bytes."""
+        return {layer.digest: file.path for file, layer in zip(self.files, self.layers)}
+
+
+def pack_directory(directory: Path, name: str,
+                   on_hashed: Callable[[int], None] | None = None) -> PackedArtifact:
+    """Pack the files under ``directory`` (see ``list_files``) as a ModelPack artifact
+    named ``name``; ``on_hashed(size)`` after each file. Blocking: run it in a thread.
+    Raises UsageError for a bad directory or one with too many files."""
+    files = list_files(directory)
+    layers = []
+    for file in files:
+        digest, size = hash_file(file.path)
+        if on_hashed:
+            on_hashed(size)
+        layers.append(Descriptor(layer_media_type(file.name), digest, size,
+                                 {ANNOTATION_TITLE: file.name, ANNOTATION_FILEPATH: file.name}))
+    created = _rfc3339(max(file.mtime for file in files))
+    config_blob = model_config(name, created, layers)
+    config = Descriptor(MODEL_CONFIG_TYPE, sha256_digest(config_blob), len(config_blob))
+    manifest = image_manifest(config, layers, created)
+    if len(manifest) > MAX_MANIFEST_BYTES:
+        raise UsageError(f"{directory} has too many files: the manifest would take "
+                         f"{len(manifest)} bytes, above the {MAX_MANIFEST_BYTES} registries "
+                         "accept")
+    return PackedArtifact(files, layers, config_blob, config, manifest,
+                          sha256_digest(manifest))
+
+
 async def push_directory(directory: Path, ref: str | Ref, config: Config, *,
                          progress: PushProgress | None = None,
                          mount_from: Iterable[str] = (),
@@ -232,32 +273,21 @@ async def push_directory(directory: Path, ref: str | Ref, config: Config, *,
     OriginError when the registry refuses a blob or the manifest, OriginUnavailable."""
     ref = parse_ref(ref, config.default_registry) if isinstance(ref, str) else ref
     progress = progress if progress is not None else PushProgress()
-    files = await trio.to_thread.run_sync(list_files, Path(directory))
-    layers = []
-    for file in files:
-        digest, size = await trio.to_thread.run_sync(hash_file, file.path)
+
+    def hashed(size: int) -> None:
         progress.total += size
         progress.hashed += size
-        layers.append(Descriptor(layer_media_type(file.name), digest, size,
-                                 {ANNOTATION_TITLE: file.name, ANNOTATION_FILEPATH: file.name}))
-    created = _rfc3339(max(file.mtime for file in files))
-    config_blob = model_config(ref.repository.rsplit("/", 1)[-1], created, layers)
-    config_descriptor = Descriptor(MODEL_CONFIG_TYPE, sha256_digest(config_blob),
-                                   len(config_blob))
-    manifest = image_manifest(config_descriptor, layers, created)
-    digest = sha256_digest(manifest)
-    if ref.digest and ref.digest != digest:
-        raise UsageError(f"{ref} pins {ref.digest}, but {directory} packs to {digest}")
-    if len(manifest) > MAX_MANIFEST_BYTES:
-        raise UsageError(f"{directory} has too many files: the manifest would take "
-                         f"{len(manifest)} bytes, above the {MAX_MANIFEST_BYTES} registries "
-                         "accept")
+
+    packed = await trio.to_thread.run_sync(pack_directory, Path(directory),
+                                           ref.repository.rsplit("/", 1)[-1], hashed)
+    if ref.digest and ref.digest != packed.digest:
+        raise UsageError(f"{ref} pins {ref.digest}, but {directory} packs to {packed.digest}")
     async with contextlib.AsyncExitStack() as stack:
         if origin is None:
             origin = await stack.enter_async_context(OriginClient(config))
         uploader = _Uploader(origin, ref, mount_from, progress)
-        await uploader.push(files, layers, config_blob, config_descriptor, manifest, digest)
-    return digest
+        await uploader.push(packed)
+    return packed.digest
 
 
 class _Uploader:
@@ -272,10 +302,9 @@ class _Uploader:
         self.progress = progress
         self.scope = f"repository:{ref.repository}:pull,push"
 
-    async def push(self, files: list[SourceFile], layers: list[Descriptor], config_blob: bytes,
-                   config_descriptor: Descriptor, manifest: bytes, digest: str) -> None:
+    async def push(self, packed: PackedArtifact) -> None:
         done: set[str] = set()  # two files with the same bytes are one blob
-        for file, layer in zip(files, layers):
+        for file, layer in zip(packed.files, packed.layers):
             session = None if layer.digest in done else await self._session_for(layer.digest)
             done.add(layer.digest)
             if session is None:
@@ -286,10 +315,10 @@ class _Uploader:
             seconds = trio.current_time() - started
             log.info("%s: %d bytes uploaded in %.2f s (%.0f MB/s)", file.name, layer.size,
                      seconds, layer.size / max(seconds, 1e-9) / 1e6)
-        session = await self._session_for(config_descriptor.digest)
+        session = await self._session_for(packed.config.digest)
         if session is not None:
-            await self._commit(session, config_descriptor.digest, config_blob)
-        await self._put_manifest(manifest, digest)
+            await self._commit(session, packed.config.digest, packed.config_blob)
+        await self._put_manifest(packed.manifest, packed.digest)
 
     # -- one blob --------------------------------------------------------------------------
 
