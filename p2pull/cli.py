@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import trio
@@ -16,8 +17,9 @@ from rich.progress import (BarColumn, DownloadColumn, Progress as Bars, TaskID, 
 
 from p2pull import client
 from p2pull.config import load_config, parse_size
-from p2pull.errors import EXIT_CODES, P2pullError, UsageError
+from p2pull.errors import EXIT_CODES, P2pullError, UsageError, first_error
 from p2pull.net.fetch import Progress
+from p2pull.origin.push import PushProgress, push_directory
 
 #: redraws per second of the progress bars
 REFRESH_HZ = 8
@@ -46,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     push = commands.add_parser("push", help="pack a directory as a model artifact and push it")
     push.add_argument("directory", type=Path)
     push.add_argument("ref")
+    push.add_argument("--mount-from", action="append", default=[], metavar="REPOSITORY",
+                      help="another repository of the same registry to mount blobs from")
 
     ls = commands.add_parser("ls", help="list the refs held in the store")
     ls.add_argument("--json", action="store_true")
@@ -64,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     console = Console(stderr=True)
     try:
-        config = load_config(args.config)
-        return _COMMANDS[args.command](args, config, console)
+        try:
+            config = load_config(args.config)
+            return _COMMANDS[args.command](args, config, console)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
     except P2pullError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         return exc.exit_code
@@ -133,8 +140,14 @@ def _draw(bars: Bars, progress: Progress, tasks: dict[str, TaskID]) -> None:
 
 
 def _push(args, config, console: Console) -> int:
-    from p2pull.origin.push import push_directory
-    digest = trio.run(push_directory, args.directory, args.ref, config)
+    progress = PushProgress()
+    started = time.monotonic()
+    digest = trio.run(lambda: push_directory(args.directory, args.ref, config,
+                                             progress=progress, mount_from=args.mount_from))
+    seconds = time.monotonic() - started
+    console.print(f"{args.ref}: {_mib(progress.total)} in {seconds:.1f}s; uploaded "
+                  f"{_mib(progress.uploaded)}, already there {_mib(progress.skipped)}",
+                  highlight=False)
     print(digest)
     return 0
 
