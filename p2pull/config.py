@@ -8,6 +8,7 @@ the environment, so the rest of the code takes a ``Config`` and is easy to test.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -73,9 +74,17 @@ class Config:
     def is_insecure(self, host: str) -> bool:
         """Plain HTTP for listed hosts and, as Docker does, for loopback registries."""
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        if name in ("localhost", "[::1]") or name.startswith("127."):
+        if name == "localhost" or _is_loopback_address(name.removeprefix("[").removesuffix("]")):
             return True
         return host in self.insecure_registries or self.registry(host).insecure
+
+
+def _is_loopback_address(name: str) -> bool:
+    """127.0.0.0/8 and ::1 as IP addresses; a host name such as ``127.example.com`` is not."""
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def default_data_dir() -> Path:
@@ -109,7 +118,7 @@ def _chunk_size(value: str | int) -> int | None:
         return None
     size = parse_size(value)
     if size < 64 * 1024:
-        raise UsageError(f"chunk_size {value!r} is below the 64KiB minimum")
+        raise UsageError("it is below the 64KiB minimum")
     return size
 
 
@@ -168,9 +177,7 @@ def _convert(key: str, value):
     convert = _KEYS[key][1]
     try:
         return convert(value)
-    except UsageError:
-        raise
-    except (TypeError, ValueError) as exc:
+    except (UsageError, TypeError, ValueError) as exc:
         raise UsageError(f"bad value {value!r} for {key}: {exc}") from exc
 
 

@@ -16,9 +16,10 @@ MIN_WINDOW_SECONDS = 0.25
 class AdaptiveConcurrency:
     """How many ranged requests to keep in flight against one origin.
 
-    Starts small, doubles while each measured window is clearly faster than the best so far
-    (a far origin caps each connection, so more connections help), holds once throughput
-    stops rising, and halves when the origin pushes back (429/503)."""
+    Starts small and doubles after its first measured window (a probe), then doubles again
+    while each window is clearly faster than the best so far (a far origin caps each
+    connection, so more connections help); holds once throughput stops rising, and halves
+    when the origin pushes back (429/503), measuring afresh without probing."""
 
     limit: int = 4
     cap: int = 16
@@ -26,6 +27,9 @@ class AdaptiveConcurrency:
     best_rate: float = 0.0
     _window_start: float | None = None
     _window_bytes: int = 0
+    #: double after the first window even though nothing was faster before it; off after a
+    #: pushback, so the limit the origin refused is not retaken at once
+    _probe: bool = True
 
     def __post_init__(self):
         self.limit = max(self.floor, min(self.limit, self.cap))
@@ -33,13 +37,16 @@ class AdaptiveConcurrency:
     def on_bytes(self, nbytes: int, now: float) -> int:
         """Record ``nbytes`` received at time ``now``; return the limit to use from now."""
         if self._window_start is None:
+            # these bytes arrived before ``now``, over a time we do not know: they open the
+            # first window but do not count in it, or its rate would be overstated
             self._window_start = now
+            return self.limit
         self._window_bytes += nbytes
         elapsed = now - self._window_start
         if elapsed >= MIN_WINDOW_SECONDS:
             rate = self._window_bytes / elapsed
             if rate > self.best_rate * GROWTH_THRESHOLD:
-                if self.best_rate:
+                if self.best_rate or self._probe:
                     self.limit = min(self.cap, self.limit * 2)
                 self.best_rate = rate
             self._window_start, self._window_bytes = now, 0
@@ -49,6 +56,7 @@ class AdaptiveConcurrency:
         """The origin answered 429 or 503: back off, and measure afresh."""
         self.limit = max(self.floor, self.limit // 2)
         self.best_rate = 0.0
+        self._probe = False
         self._window_start, self._window_bytes = now, 0
         return self.limit
 
@@ -63,7 +71,8 @@ def backoff_delay(attempt: int, rng: random.Random, retry_after: float | None = 
     """Seconds to wait before attempt ``attempt + 1`` (``attempt`` counts from 1): full
     jitter over an exponential ceiling, so a crowd of clients does not retry in step; never
     less than the server's Retry-After."""
-    ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (attempt - 1))
+    # the exponent is bounded so that any attempt count stays a float (2**1100 is not one)
+    ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** min(attempt - 1, 64))
     delay = rng.uniform(0, ceiling)
     if retry_after is not None:
         delay = max(delay, min(retry_after, 60.0))

@@ -21,7 +21,8 @@ _PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _DOMAIN = re.compile(
     r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
     r"|\[[0-9a-fA-F:.]+\])(?::[0-9]{1,5})?")
-_TAG = re.compile(r"[\w][\w.-]{0,127}")
+#: Docker's tag grammar; its \w is ASCII-only, so ours must be too
+_TAG = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 _DIGEST = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[0-9a-fA-F]{32,}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 #: the distribution spec's limit on a repository name

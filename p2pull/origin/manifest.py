@@ -24,6 +24,8 @@ MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
 MODEL_ARTIFACT_TYPE = "application/vnd.cncf.model.manifest.v1+json"
 MODEL_CONFIG_TYPE = "application/vnd.cncf.model.config.v1+json"
+#: the platform fields that platform choice reads
+_PLATFORM_KEYS = ("os", "architecture", "variant")
 
 
 def sha256_digest(data: bytes) -> str:
@@ -52,8 +54,12 @@ class Descriptor:
         annotations = data.get("annotations") or {}
         if not isinstance(annotations, dict):
             raise OriginError(f"{where}: annotations of {digest} must be an object")
+        platform = data.get("platform")
+        if platform is not None and not (isinstance(platform, dict) and all(
+                isinstance(platform.get(key, ""), str) for key in _PLATFORM_KEYS)):
+            raise OriginError(f"{where}: platform of {digest} must be an object of strings")
         return cls(str(data.get("mediaType", "")), digest, size,
-                   {str(k): str(v) for k, v in annotations.items()}, data.get("platform"))
+                   {str(k): str(v) for k, v in annotations.items()}, platform)
 
     def to_dict(self) -> dict:
         data = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
@@ -189,5 +195,5 @@ def select_from_index(data: dict, wanted: Platform, where: str) -> Descriptor:
 
 
 def _platform_text(platform: Mapping[str, str]) -> str:
-    parts = (platform.get(key) for key in ("os", "architecture", "variant"))
+    parts = (platform.get(key) for key in _PLATFORM_KEYS)
     return "/".join(part for part in parts if part)

@@ -385,11 +385,17 @@ class PartialBlob:
         return target
 
     def close(self) -> None:
-        for closer in (lambda: self._log.close(), lambda: os.close(self._fd),
-                       lambda: os.close(self._lock_fd)):
+        """Release the files, the lock last. A second call does nothing: descriptor numbers
+        are reused at once, so closing one twice could close another blob's file."""
+        for name in ("_log", "_fd", "_lock_fd"):
+            handle = getattr(self, name, None)
+            setattr(self, name, None)
             try:
-                closer()
-            except (AttributeError, OSError):
+                if name == "_log" and handle is not None:
+                    handle.close()
+                elif handle is not None:
+                    os.close(handle)
+            except OSError:
                 pass
 
 
