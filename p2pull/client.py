@@ -61,6 +61,14 @@ async def get(ref: str | Ref, *, output: Path | str | None = None,
     wanted = Platform.parse(platform) if platform else None
     store = Store(config.data_dir)
     progress = progress if progress is not None else Progress()
+    with store.in_use():
+        return await _get(store, ref, wanted, output, format, force, config, progress,
+                          origin_counters)
+
+
+async def _get(store: Store, ref: Ref, wanted: Platform | None, output, format: str,
+               force: bool, config: Config, progress: Progress,
+               origin_counters: OriginCounters | None) -> GetResult:
     started = time.monotonic()
     offline = False
     async with OriginClient(config) as origin:

@@ -165,7 +165,7 @@ def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = 
         else:
             raise UsageError(f"unknown key {key!r} in {path}; see configs/p2pull.toml")
     for key, (var, _) in _KEYS.items():
-        if var in env:
+        if env.get(var, "").strip():  # an empty variable is unset, not "the current dir"
             values[key] = _convert(key, env[var])
     values.update(overrides)
     if "data_dir" in values and "socket" not in values:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from p2pull.config import _KEYS, Config, RegistryConfig, load_config, parse_size
+from p2pull.config import (_KEYS, Config, RegistryConfig, default_data_dir, load_config,
+                           parse_size)
 from p2pull.errors import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -287,3 +288,9 @@ def test_default_data_dir_follows_xdg(monkeypatch, tmp_path):
 def test_config_is_frozen():
     with pytest.raises(AttributeError):
         Config().cluster = "x"  # type: ignore[misc]
+
+
+def test_an_empty_environment_variable_counts_as_unset(tmp_path):
+    config = load_config(env={"P2PULL_DATA_DIR": "", "P2PULL_CLUSTER": " "})
+    assert config.data_dir == default_data_dir()
+    assert config.cluster == "default"

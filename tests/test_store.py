@@ -778,3 +778,11 @@ def test_gc_with_max_size_evicts_least_recently_updated_refs_first(store):
 
     assert store.gc(max_size=0) == (2, 110)
     assert store.blobs() == [] and store.refs() == []
+
+
+def test_gc_refuses_to_run_while_a_get_holds_the_store(tmp_path):
+    store = Store(tmp_path / "store")
+    with store.in_use():
+        with pytest.raises(StoreError, match="get is running"):
+            Store(tmp_path / "store").gc()
+    assert Store(tmp_path / "store").gc() == (0, 0)

@@ -15,6 +15,7 @@ Synchronous file I/O: callers under trio run the slow parts in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -186,10 +187,37 @@ class Store:
             found.append((f"sha256:{path.name}", st.st_size, st.st_mtime))
         return found
 
+    @contextlib.contextmanager
+    def in_use(self):
+        """Held by every ``get`` while it runs, so that ``gc`` never deletes a blob that a
+        get has published but not yet recorded under its ref."""
+        fd = self._open_usage_lock()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def _open_usage_lock(self) -> int:
+        return os.open(self.root / "usage.lock", os.O_RDWR | os.O_CREAT, 0o644)
+
     def gc(self, max_size: int | None = None) -> tuple[int, int]:
         """Delete blobs, manifests and trees no ref needs; then, while the blobs exceed
         ``max_size``, drop the least recently updated refs and what only they needed.
-        Returns (blobs deleted, bytes freed). Partial downloads are kept (they resume)."""
+        Returns (blobs deleted, bytes freed). Partial downloads are kept (they resume).
+        Raises StoreError while a ``get`` runs on this store."""
+        fd = self._open_usage_lock()
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError("a p2pull get is running on this store; run gc when it "
+                                 "has finished") from None
+            return self._collect(max_size)
+        finally:
+            os.close(fd)
+
+    def _collect(self, max_size: int | None) -> tuple[int, int]:
         records = sorted(self.refs(), key=lambda r: r.updated)
         deleted = freed = 0
         while True:
