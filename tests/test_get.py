@@ -16,6 +16,7 @@ from p2pull import client
 from p2pull.config import RegistryConfig, load_config
 from p2pull.errors import AuthError, NotFoundError
 from p2pull.net.fetch import Progress
+from p2pull.origin.client import OriginCounters
 from tests.support.registry import oras_push
 
 #: big enough for many chunks (chunk sizes start at 256 KiB) and several origin requests
@@ -173,3 +174,16 @@ async def test_missing_tag_is_not_found(registry, tmp_path):
     oras_push(registry, "models/tiny:v1", model_files(), tmp_path)
     with pytest.raises(NotFoundError):
         await client.get(f"{registry.host}/models/tiny:v9", config=config_for(tmp_path))
+
+
+async def test_ranged_requests_reuse_their_connections(registry, tmp_path):
+    from tests.support.proxy import Proxy
+    oras_push(registry, "models/tiny:v1", model_files(), tmp_path)
+    config = config_for(tmp_path, origin_max_connections=4)
+    counters = OriginCounters()
+    with Proxy(registry.host) as proxy:
+        await client.get(f"{proxy.host}/models/tiny:v1", config=config,
+                         origin_counters=counters)
+        connections = proxy.connections
+    assert counters.requests > 12  # many ranges: the blob is cut into shrinking requests
+    assert connections <= 4 + 1  # each connection served several of them

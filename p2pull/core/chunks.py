@@ -54,6 +54,12 @@ class ChunkPlan:
         self._check(index)
         return min(self.chunk_size, self.blob_size - index * self.chunk_size)
 
+    def bytes_between(self, first: int, end: int) -> int:
+        """Bytes in chunks ``first .. end-1``."""
+        if first >= end:
+            return 0
+        return self.offset(end - 1) + self.length(end - 1) - self.offset(first)
+
     def span(self, index: int) -> tuple[int, int]:
         """(offset, length) of chunk ``index``."""
         return self.offset(index), self.length(index)

@@ -242,14 +242,14 @@ class OriginClient:
                     if skip:
                         cut = min(skip, len(piece))
                         piece, skip = piece[cut:], skip - cut
+                    # read to the end even past ``length``: a response left unfinished
+                    # costs its connection, and a new one a round trip or two
                     piece = memoryview(piece)[:length - done]
                     if piece:
                         self.counters.bytes_received += len(piece)
                         await sink(piece)
                         done += len(piece)
                         failures = 0
-                    if done >= length:
-                        break
             except (httpx.TransportError, httpx.StreamError) as exc:
                 failures += 1
                 self.counters.retries += 1
