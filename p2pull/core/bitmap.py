@@ -5,6 +5,31 @@ from __future__ import annotations
 
 from typing import Iterator
 
+#: byte -> the same byte with its bits in reverse order: turns the wire's MSB-first bytes
+#: into the LSB-first order of ``to_int`` (bit i of the int = chunk i) and back
+_REVERSED = bytes(int(f"{byte:08b}"[::-1], 2) for byte in range(256))
+
+
+def set_bits(value: int) -> list[int]:
+    """The positions of the set bits of a non-negative int, ascending (bit 0 first).
+
+    Sparse values peel the lowest bit off; dense ones scan the binary string, which costs
+    one C-level pass instead of one big-int operation per bit."""
+    if value.bit_count() * 16 < value.bit_length():
+        found = []
+        while value:
+            low = value & -value
+            found.append(low.bit_length() - 1)
+            value ^= low
+        return found
+    digits = bin(value)[:1:-1]  # least significant digit first, without "0b"
+    found = []
+    index = digits.find("1")
+    while index >= 0:
+        found.append(index)
+        index = digits.find("1", index + 1)
+    return found
+
 
 class Bitmap:
     __slots__ = ("size", "_bits", "_count")
@@ -22,14 +47,25 @@ class Bitmap:
             if size % 8 and bits[-1] & (0xFF >> (size % 8)):
                 raise ValueError("bits set beyond the end of the bitmap")
             self._bits = bytearray(bits)
-        self._count = sum(bin(byte).count("1") for byte in self._bits)
+        self._count = int.from_bytes(self._bits, "big").bit_count()
 
     @classmethod
     def full(cls, size: int) -> "Bitmap":
-        bitmap = cls(size)
-        for index in range(size):
-            bitmap.add(index)
-        return bitmap
+        return cls.from_int(size, (1 << size) - 1)
+
+    @classmethod
+    def from_int(cls, size: int, value: int) -> "Bitmap":
+        """The bitmap whose chunk i is held when bit i of ``value`` is set (LSB first)."""
+        if size < 0:
+            raise ValueError(f"negative bitmap size {size}")
+        if value < 0 or value >> size:
+            raise ValueError("bits set beyond the end of the bitmap")
+        return cls(size, value.to_bytes((size + 7) // 8, "little").translate(_REVERSED))
+
+    def to_int(self) -> int:
+        """The held chunks as an int, bit i set when chunk i is held: the form the swarm
+        core computes with (one big-int AND instead of a loop over chunks)."""
+        return int.from_bytes(self._bits.translate(_REVERSED), "little")
 
     def __contains__(self, index: int) -> bool:
         self._check(index)
@@ -57,10 +93,10 @@ class Bitmap:
         return self._count == self.size
 
     def held(self) -> Iterator[int]:
-        return (index for index in range(self.size) if index in self)
+        return iter(set_bits(self.to_int()))
 
     def missing(self) -> Iterator[int]:
-        return (index for index in range(self.size) if index not in self)
+        return iter(set_bits(self.to_int() ^ ((1 << self.size) - 1)))
 
     def to_bytes(self) -> bytes:
         return bytes(self._bits)

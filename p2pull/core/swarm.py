@@ -1,0 +1,900 @@
+"""The swarm of one blob on one node: a pure state machine, ``handle(event, now) -> actions``.
+
+The daemon (or the simulator) owns one ``BlobSwarm`` per blob being fetched or served, feeds
+it every event that concerns the blob with the time it happened, and carries out the actions
+it returns; the swarm does no I/O and reads no clock. Same events, same times and the same
+seeded ``random.Random`` give the same actions.
+
+Contract with the driver
+- Feed ``PeerJoined`` for the peers you already know, then a first ``Tick``: the swarm asks
+  peers for chunks from the start but touches the origin only once it has been ticked, so
+  that it decides who fetches what from the origin on a full view of the swarm.
+- Tick again no later than ``next_deadline()`` (or at a steady interval): requests expire,
+  origin waits run out and backed-off peers come back only on a ``Tick``.
+- Send ``PeerJoined`` before anything else about a peer (a ``PeerHave`` from a peer that has
+  not joined, or has left, is ignored) and ``PeerLeft`` when its connection is gone. A peer
+  that stays connected but never answers only costs request timeouts (and a back-off); the
+  chunks only it holds wait for it, so drop dead connections.
+- ``PieceVerified`` means the chunk passed its xxh3 and is committed: the swarm counts it
+  held (even unrequested, or after its request was cancelled). ``BlobCorrupt`` takes chunks
+  back; a peer's piece for one of those is then ignored: they come from the origin only.
+
+How chunks are sourced
+- A chunk some live peer holds goes to a peer: whenever a peer has a free pipeline slot, it is
+  asked for the urgent chunk it holds, else the rarest, ties at random (``picker.pick``). A
+  chunk that becomes wanted again (a failed request) goes to the best-scoring free holder.
+- A chunk no peer holds (an orphan) is fetched from the origin by the node that ranks first
+  for it by rendezvous hashing over the interested live nodes (self and the peers that joined
+  with an incomplete bitmap). Every other node waits: it fetches the chunk itself once it has
+  needed it for ``origin_wait_limit`` and every node that outranks it for that chunk has been
+  silent for ``origin_wait_limit`` (no join, Have, piece or answer). So a dead first node costs
+  one wait and one extra fetch (by the second node), not one fetch per node, and a slow but
+  live first node costs nothing. A Have from any peer ends the wait: the chunk goes to it.
+- At most ``max_origin_in_flight`` origin fetches at once; the rest queue (urgent first).
+- Endgame: once every missing chunk is in flight, each free peer holding an in-flight chunk
+  is asked for it too, up to ``endgame_duplicates`` sources per chunk; the first piece wins
+  and the other requests are cancelled.
+
+Cost: an event costs O(1) big-int operations on chunk sets (ints, bit i = chunk i) plus what
+it changes; no event scans chunks x peers. A peer's bitmap joining or leaving costs O(its
+chunks); deciding who fetches an orphan scans the interested nodes only until one outranks us
+(about ln N hashes on average).
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+from xxhash import xxh3_64_intdigest
+
+from p2pull.core.bitmap import Bitmap, set_bits
+from p2pull.core.book import RequestBook
+from p2pull.core.chunks import ChunkPlan
+from p2pull.core.picker import Rarity, pick, pick_duplicate
+from p2pull.core.responsibility import chunk_key, node_bytes
+from p2pull.errors import ProtocolError
+
+FailureReason = Literal["corrupt", "rejected", "busy", "error"]
+FAILURE_REASONS = ("corrupt", "rejected", "busy", "error")
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    """Scheduling knobs of one blob swarm. Times in seconds, rates in bytes per second."""
+
+    #: requests outstanding with one peer: enough to keep its link busy across a round trip
+    #: (BitTorrent clients use 4-16 for large pieces)
+    pipeline_depth: int = 4
+    #: the least time a request is given before it is re-sent elsewhere; a peer measured
+    #: slow gets 4 x chunk length / its throughput instead, if that is longer
+    request_timeout_min: float = 5.0
+    #: how long a node that is not responsible for a chunk nobody holds waits (since it first
+    #: needed it, and since it last heard from each node outranking it) before fetching the
+    #: chunk from the origin itself; 0 turns origin deduplication off
+    origin_wait_limit: float = 2.0
+    #: sources per chunk in the endgame (first request included); 1 turns the endgame off
+    endgame_duplicates: int = 2
+    #: origin fetches in flight at once from this swarm; the rest wait in a queue
+    max_origin_in_flight: int = 8
+    #: a peer that answered busy or error, or let a request expire, gets no new request for
+    #: this long
+    peer_backoff: float = 1.0
+    #: the throughput assumed for a peer not measured yet, for its timeouts and score
+    assumed_throughput: float = 8 * 1024 * 1024
+    #: weight of a new throughput sample in a peer's EWMA
+    throughput_smoothing: float = 0.25
+
+    def __post_init__(self):
+        if self.pipeline_depth < 1 or self.endgame_duplicates < 1 or \
+                self.max_origin_in_flight < 1:
+            raise ValueError("pipeline_depth, endgame_duplicates and max_origin_in_flight "
+                             "must be at least 1")
+        if min(self.request_timeout_min, self.origin_wait_limit, self.peer_backoff) < 0:
+            raise ValueError("times must not be negative")
+
+
+# -- events ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PeerJoined:
+    """A peer interested in or holding this blob, with its bitmap (full: a seeder). Sent
+    again for a known peer, the bitmap replaces the one we had."""
+
+    peer: str
+    bitmap: Bitmap
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLeft:
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class PeerHave:
+    """``peer`` now holds chunk ``index``. Ignored from a peer that has not joined (or has
+    left): send ``PeerJoined`` first."""
+
+    peer: str
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class PieceVerified:
+    """Chunk ``index`` arrived from ``peer`` (None: the origin), passed its check and is
+    committed; ``nbytes`` is its length."""
+
+    peer: str | None
+    index: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class PieceFailed:
+    """A request to ``peer`` came to nothing: ``corrupt`` (the piece failed its check: the peer
+    is banned), ``rejected`` (the peer does not serve that chunk), ``busy`` (no upload slot),
+    ``error`` (anything else)."""
+
+    peer: str
+    index: int
+    reason: FailureReason
+
+
+@dataclass(frozen=True, slots=True)
+class OriginFailed:
+    """The origin fetch of chunk ``index`` failed for good (after the client's own retries);
+    the swarm tries peers, or the origin again after ``origin_wait_limit``."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Urgent:
+    """These chunks are wanted first (a streaming reader, a critical layer)."""
+
+    indexes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BlobCorrupt:
+    """The blob's sha256 failed with every chunk held. ``peer_chunks`` maps each chunk that
+    came from a peer to that peer: they are taken back and fetched from the origin only."""
+
+    peer_chunks: dict[int, str]
+
+
+Event = PeerJoined | PeerLeft | PeerHave | PieceVerified | PieceFailed | OriginFailed | \
+    Tick | Urgent | BlobCorrupt
+
+
+# -- actions --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequest:
+    peer: str
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendCancel:
+    peer: str
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class FetchFromOrigin:
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class AnnounceHave:
+    """Tell every peer of this blob that we now hold chunk ``index``."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class BanPeer:
+    peer: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """Every chunk is held: check the blob's digest. Emitted once each time the swarm becomes
+    complete (again after a ``BlobCorrupt``); a swarm created complete does not emit it."""
+
+
+Action = SendRequest | SendCancel | FetchFromOrigin | AnnounceHave | BanPeer | Completed
+
+
+class _Peer:
+    """A live, unbanned peer of this blob."""
+
+    __slots__ = ("name", "key", "bits", "requested", "heard", "member", "backoff_until")
+
+    def __init__(self, name: str, now: float):
+        self.name = name
+        #: the bytes its rendezvous weights are hashed from
+        self.key = node_bytes(name)
+        #: chunks it holds
+        self.bits = 0
+        #: chunks outstanding with it
+        self.requested = 0
+        #: last time it showed it is alive (joined, Have, piece, answer)
+        self.heard = now
+        #: joined incomplete: one of the nodes sharing origin fetches
+        self.member = False
+        #: no new requests before this time (busy, error, timeout)
+        self.backoff_until: float | None = None
+
+
+class BlobSwarm:
+    """Scheduling state of one blob on node ``node_id``. ``held`` is copied: the swarm keeps
+    its own view (``held`` property), updated by ``PieceVerified`` and ``BlobCorrupt``."""
+
+    def __init__(self, blob: str, plan: ChunkPlan, node_id: str, held: Bitmap,
+                 config: SwarmConfig = SwarmConfig(), rng: random.Random | None = None):
+        count = plan.count
+        if held.size != count:
+            raise ValueError(f"bitmap of {held.size} chunks for a plan of {count}")
+        self.blob = blob
+        self.plan = plan
+        self.node_id = node_id
+        self.config = config
+        self._rng = rng if rng is not None else random.Random(0)
+        self._count = count
+        self._last_length = plan.length(count - 1)
+        self._missing = ((1 << count) - 1) ^ held.to_int()
+        self._rarity = Rarity(count)
+        self._rarity.wanted = self._missing  # nobody holds anything yet: all orphans
+        #: requests plus origin fetches under way, per chunk
+        self._sources = [0] * count
+        self._sourced = 0  # missing chunks with a source under way
+        self._saturated = 0  # chunks with endgame_duplicates sources under way
+        self._book = RequestBook(config.pipeline_depth, config.request_timeout_min,
+                                 config.assumed_throughput, config.throughput_smoothing)
+        self._peers: dict[str, _Peer] = {}
+        #: peers that may be sent a request now (dicts, not sets: iteration order must not
+        #: depend on string hashing, or runs would not replay)
+        self._free: dict[str, None] = {}
+        self._members: dict[str, _Peer] = {}
+        self._self_key = node_bytes(node_id)
+        self._chunk_keys: dict[int, int] = {}
+        self._urgent = 0
+        self._forced = 0  # chunks to take from the origin only (after BlobCorrupt)
+        self._origin = 0  # chunks being fetched from the origin
+        self._origin_count = 0
+        self._queued = 0  # chunks queued for the origin
+        self._origin_queue: list[tuple[int, int, int]] = []  # (priority, seq, index)
+        self._orphan_since: dict[int, float] = {}
+        self._orphan_deadline: dict[int, float] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._watched_by: dict[int, str] = {}  # orphan -> the outranking node we wait for
+        self._watching: dict[str, set[int]] = {}
+        self._retries: list[tuple[float, int]] = []  # origin fetches to try again
+        self._backoffs: list[tuple[float, int, str]] = []
+        self._seq = 0
+        self._started = False
+        self._endgame = False
+        self._completed_sent = False
+        self._now = 0.0
+        self._acts: list = []
+        self._handlers: dict[type, Callable] = {
+            PeerHave: self._on_have, PieceVerified: self._on_verified,
+            PeerJoined: self._on_joined, PeerLeft: self._on_left,
+            PieceFailed: self._on_failed, OriginFailed: self._on_origin_failed,
+            Tick: self._on_tick, Urgent: self._on_urgent, BlobCorrupt: self._on_corrupt,
+        }
+
+    # -- the entry point --------------------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> list[Action]:
+        """Apply ``event``, which happened at ``now``; return what to do, in order.
+
+        Raises ProtocolError for a peer's event that does not fit the blob (a bitmap of the
+        wrong size, a chunk index out of range), ValueError for a bad local event."""
+        if type(event) is PeerHave:  # most events by far: the Have of a chunk we hold
+            peer = self._peers.get(event.peer)
+            index = event.index
+            if peer is not None and 0 <= index < self._count:
+                bit = 1 << index
+                if not self._missing & bit:
+                    peer.heard = now
+                    bits = peer.bits
+                    if not bits & bit:
+                        peer.bits = bits | bit
+                        self._rarity.avail[index] += 1
+                    return []
+        self._now = now
+        self._acts = acts = []
+        if type(event) is PeerHave:
+            self._on_have(event)
+        else:
+            handler = self._handlers.get(type(event))
+            if handler is None:
+                raise TypeError(f"not a swarm event: {event!r}")
+            handler(event)
+        if self._queued and self._origin_count < self.config.max_origin_in_flight:
+            self._pump_origin()
+        if self._missing and not self._rarity.wanted:
+            if not self._endgame:
+                self._endgame = True
+                for name in list(self._free):
+                    self._fill(self._peers[name])
+        elif self._endgame:
+            self._endgame = False
+        return acts
+
+    # -- views for the driver ---------------------------------------------------------------
+
+    @property
+    def chunk_count(self) -> int:
+        return self._count
+
+    @property
+    def held(self) -> Bitmap:
+        return Bitmap.from_int(self._count, ((1 << self._count) - 1) ^ self._missing)
+
+    def holds(self, index: int) -> bool:
+        return not (self._missing >> index) & 1
+
+    @property
+    def missing_count(self) -> int:
+        return self._missing.bit_count()
+
+    @property
+    def complete(self) -> bool:
+        return not self._missing
+
+    @property
+    def in_endgame(self) -> bool:
+        return self._endgame
+
+    @property
+    def origin_in_flight(self) -> int:
+        return self._origin_count
+
+    @property
+    def fetching_from_origin(self) -> list[int]:
+        """The chunks whose origin fetch is under way."""
+        return set_bits(self._origin)
+
+    @property
+    def book(self) -> RequestBook:
+        """The request book (read it; change it only through events)."""
+        return self._book
+
+    @property
+    def peers(self) -> tuple[str, ...]:
+        return tuple(self._peers)
+
+    def peer_bitmap(self, peer: str) -> Bitmap | None:
+        state = self._peers.get(peer)
+        return None if state is None else Bitmap.from_int(self._count, state.bits)
+
+    def availability(self, index: int) -> int:
+        """How many live peers hold chunk ``index``."""
+        return self._rarity.avail[index]
+
+    def next_deadline(self) -> float | None:
+        """The earliest time a ``Tick`` has something to do (possibly early), or None."""
+        times = [self._book.next_expiry()]
+        deadlines = self._deadlines
+        while deadlines and self._orphan_deadline.get(deadlines[0][1]) != deadlines[0][0]:
+            heapq.heappop(deadlines)
+        if deadlines:
+            times.append(deadlines[0][0])
+        if self._retries:
+            times.append(self._retries[0][0])
+        if self._backoffs:
+            times.append(self._backoffs[0][0])
+        times = [t for t in times if t is not None]
+        return min(times) if times else None
+
+    # -- events -----------------------------------------------------------------------------
+
+    def _check_index(self, index: int, error: type[Exception] = ProtocolError) -> None:
+        if not 0 <= index < self._count:
+            raise error(f"chunk {index} outside 0..{self._count - 1} of {self.blob}")
+
+    def _add_peer(self, name: str, bits: int) -> _Peer:
+        now = self._now
+        peer = self._peers[name] = _Peer(name, now)
+        if bits != (1 << self._count) - 1:
+            peer.member = True
+            self._members[name] = peer
+            self._member_joined(peer)
+        if self._book.has_capacity(name):
+            self._free[name] = None
+        return peer
+
+    def _on_joined(self, event: PeerJoined) -> None:
+        name = event.peer
+        if name == self.node_id or self._book.is_banned(name):
+            return
+        if event.bitmap.size != self._count:
+            raise ProtocolError(f"{name} sent a bitmap of {event.bitmap.size} chunks for "
+                                f"{self.blob}, which has {self._count}")
+        bits = event.bitmap.to_int()
+        peer = self._peers.get(name)
+        if peer is None:
+            peer = self._add_peer(name, bits)
+            self._add_bits(peer, bits)
+        else:
+            peer.heard = self._now
+            lost = peer.bits & ~bits
+            if lost:
+                self._remove_bits(peer, lost)
+            gained = bits & ~peer.bits
+            if gained:
+                self._add_bits(peer, gained)
+        self._fill(peer)
+
+    def _on_left(self, event: PeerLeft) -> None:
+        peer = self._peers.pop(event.peer, None)
+        if peer is not None:
+            self._forget(peer)
+
+    def _on_have(self, event: PeerHave) -> None:
+        name, index = event.peer, event.index
+        if not 0 <= index < self._count:
+            self._check_index(index)
+        peer = self._peers.get(name)
+        if peer is None:  # not joined, or gone: a late Have must not bring it back
+            return
+        peer.heard = self._now
+        bit = 1 << index
+        bits = peer.bits
+        if bits & bit:
+            return
+        peer.bits = bits | bit
+        rarity = self._rarity
+        if not self._missing & bit:  # held: only the count matters
+            rarity.avail[index] += 1
+            return
+        if rarity.wanted & bit:
+            if not rarity.pickable & bit:
+                self._not_orphan(index)
+            rarity.inc(index)
+        else:
+            rarity.avail[index] += 1  # in flight: not in a bucket
+        if name in self._free:
+            self._fill(peer)
+
+    def _on_verified(self, event: PieceVerified) -> None:
+        name, index = event.peer, event.index
+        self._check_index(index, ValueError)
+        bit = 1 << index
+        peer = None
+        if name is None:
+            if self._origin & bit:
+                self._origin ^= bit
+                self._origin_count -= 1
+                self._drop_source(index)
+        else:
+            peer = self._peers.get(name)
+            if peer is not None:
+                peer.heard = self._now
+                if self._book.complete(name, index, event.nbytes, self._now) is not None and \
+                        self._release(peer, index) and self._forced & bit:
+                    self._queue_origin(index)
+                if not peer.bits & bit:  # it had it without telling us
+                    peer.bits |= bit
+                    self._rarity.inc(index)
+            if self._forced & bit:  # we want this one from the origin only
+                if peer is not None:
+                    self._fill(peer)
+                return
+        if self._missing & bit:
+            self._hold(index)
+        if peer is not None:
+            self._fill(peer)
+
+    def _on_failed(self, event: PieceFailed) -> None:
+        name, index, reason = event.peer, event.index, event.reason
+        if reason not in FAILURE_REASONS:
+            raise ValueError(f"unknown failure reason {reason!r}")
+        self._check_index(index, ValueError)
+        if reason == "corrupt":
+            self._ban(name, "corrupt")
+            return
+        peer = self._peers.get(name)
+        if peer is None:
+            return
+        peer.heard = self._now
+        bit = 1 << index
+        if reason == "rejected" and peer.bits & bit:
+            peer.bits ^= bit  # it does not serve that chunk: stop counting it as a holder
+            if not self._rarity.dec(index) and self._rarity.wanted & bit:
+                self._orphaned(index)
+        if reason in ("busy", "error"):
+            self._back_off(peer)
+        if self._book.has(name, index):
+            self._book.fail(name, index)
+            if self._release(peer, index):
+                self._unsourced(index)
+        self._fill(peer)
+
+    def _on_origin_failed(self, event: OriginFailed) -> None:
+        index = event.index
+        self._check_index(index, ValueError)
+        bit = 1 << index
+        if not self._origin & bit:
+            return
+        self._origin ^= bit
+        self._origin_count -= 1
+        if not self._drop_source(index):
+            return
+        if self._forced & bit or not self._rarity.avail[index]:
+            if not self._forced & bit:
+                self._rarity.want(index)
+                self._orphan_since.setdefault(index, self._now)
+            heapq.heappush(self._retries, (self._now + self.config.origin_wait_limit, index))
+        else:
+            self._unsourced(index)
+
+    def _on_tick(self, event: Tick) -> None:
+        now = self._now
+        if not self._started:
+            self._started = True
+            for index in set_bits(self._rarity.orphans):
+                self._orphan_since.setdefault(index, now)
+                self._check_orphan(index)
+        for request in self._book.expired(now):
+            self._acts.append(SendCancel(request.peer, request.index))
+            peer = self._peers.get(request.peer)
+            if peer is not None:
+                self._back_off(peer)
+                unsourced = self._release(peer, request.index)
+            else:
+                unsourced = self._drop_source(request.index)
+            if unsourced:
+                self._unsourced(request.index)
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            when, index = heapq.heappop(deadlines)
+            if self._orphan_deadline.get(index) == when:
+                del self._orphan_deadline[index]
+                if self._waiting(index):
+                    self._check_orphan(index)
+        retries = self._retries
+        while retries and retries[0][0] <= now:
+            index = heapq.heappop(retries)[1]
+            bit = 1 << index
+            if self._missing & bit and not (self._sourced | self._queued) & bit and \
+                    (self._forced & bit or (self._rarity.orphans & bit)):
+                self._queue_origin(index)
+        backoffs = self._backoffs
+        while backoffs and backoffs[0][0] <= now:
+            name = heapq.heappop(backoffs)[2]
+            peer = self._peers.get(name)
+            if peer is not None and peer.backoff_until is not None and \
+                    peer.backoff_until <= now:
+                peer.backoff_until = None
+                if self._book.has_capacity(name):
+                    self._free[name] = None
+                    self._fill(peer)
+
+    def _on_urgent(self, event: Urgent) -> None:
+        mask = 0
+        for index in event.indexes:
+            self._check_index(index, ValueError)
+            mask |= 1 << index
+        mask &= self._missing
+        self._urgent |= mask
+        for index in set_bits(mask & self._queued):  # to the front of the origin queue
+            self._seq += 1
+            heapq.heappush(self._origin_queue, (0, self._seq, index))
+
+    def _on_corrupt(self, event: BlobCorrupt) -> None:
+        freed = []
+        for index in sorted(event.peer_chunks):
+            self._check_index(index, ValueError)
+            bit = 1 << index
+            self._missing |= bit
+            self._forced |= bit
+            self._rarity.unwant(index)
+            self._not_orphan(index)
+            for name in self._book.peers_for(index):  # only if it was not held after all
+                self._book.cancel(name, index)
+                self._acts.append(SendCancel(name, index))
+                peer = self._peers.get(name)
+                if peer is not None:
+                    self._release(peer, index)
+                    freed.append(peer)
+            count = self._sources[index]
+            if count:  # an origin fetch still under way since we got it elsewhere
+                self._sourced |= bit
+                if count >= self.config.endgame_duplicates:
+                    self._saturated |= bit
+            else:
+                self._queue_origin(index)
+        if event.peer_chunks:
+            self._completed_sent = False
+        for peer in freed:
+            self._fill(peer)
+
+    # -- peers ------------------------------------------------------------------------------
+
+    def _add_bits(self, peer: _Peer, bits: int) -> None:
+        peer.bits |= bits
+        rarity = self._rarity
+        newly = bits & rarity.wanted & ~rarity.pickable
+        rarity.add_holder(bits)
+        if newly:
+            for index in set_bits(newly):
+                self._not_orphan(index)
+
+    def _remove_bits(self, peer: _Peer, bits: int) -> None:
+        peer.bits &= ~bits
+        for index in set_bits(self._rarity.remove_holder(bits)):
+            self._orphaned(index)
+
+    def _forget(self, peer: _Peer) -> None:
+        """``peer`` is gone (left or banned): its requests go elsewhere, its chunks no longer
+        count, and orphans waiting on it are decided again."""
+        name = peer.name
+        self._free.pop(name, None)
+        if peer.member:
+            del self._members[name]
+        dropped = self._book.drop_peer(name)
+        bits, peer.bits, peer.requested = peer.bits, 0, 0
+        orphaned = self._rarity.remove_holder(bits)
+        for request in dropped:
+            if self._drop_source(request.index):
+                self._unsourced(request.index)
+        for index in set_bits(orphaned):
+            self._orphaned(index)
+        for index in sorted(self._watching.pop(name, ())):
+            if self._watched_by.get(index) == name:
+                del self._watched_by[index]
+                if self._waiting(index):
+                    self._check_orphan(index)
+
+    def _ban(self, name: str, reason: str) -> None:
+        if self._book.is_banned(name) or name == self.node_id:
+            return
+        self._acts.append(BanPeer(name, reason))
+        peer = self._peers.pop(name, None)
+        if peer is not None:
+            self._forget(peer)
+        self._book.ban(name, reason)
+
+    def _back_off(self, peer: _Peer) -> None:
+        until = self._now + self.config.peer_backoff
+        peer.backoff_until = until
+        self._free.pop(peer.name, None)
+        self._seq += 1
+        heapq.heappush(self._backoffs, (until, self._seq, peer.name))
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _length(self, index: int) -> int:
+        return self._last_length if index == self._count - 1 else self.plan.chunk_size
+
+    def _fill(self, peer: _Peer) -> None:
+        """Give ``peer`` requests while it has free pipeline slots and chunks we want."""
+        name = peer.name
+        free = self._free
+        rarity = self._rarity
+        while name in free:
+            candidates = peer.bits & rarity.pickable
+            if candidates:
+                index = pick(candidates, rarity, self._urgent, self._rng)
+            elif self._missing and not rarity.wanted:  # endgame
+                candidates = peer.bits & self._sourced & ~self._saturated & \
+                    ~peer.requested & ~self._forced
+                if not candidates:
+                    return
+                index = pick_duplicate(candidates, self._sources, self._urgent, self._rng)
+            else:
+                return
+            self._request(peer, index)
+
+    def _request(self, peer: _Peer, index: int) -> None:
+        name = peer.name
+        self._book.add(name, index, self._now, self._length(index))
+        peer.requested |= 1 << index
+        if self._book.outstanding(name) >= self.config.pipeline_depth:
+            del self._free[name]
+        self._add_source(index)
+        self._acts.append(SendRequest(name, index))
+
+    def _offer(self, index: int) -> None:
+        """Chunk ``index`` needs a peer: ask the best-scoring free peer that holds it."""
+        bit = 1 << index
+        best, best_score = None, -1.0
+        score = self._book.score
+        for name in self._free:
+            peer = self._peers[name]
+            if peer.bits & bit:
+                value = score(name)
+                if value > best_score:
+                    best, best_score = peer, value
+        if best is not None:
+            self._request(best, index)
+
+    def _release(self, peer: _Peer, index: int) -> bool:
+        """A request to ``peer`` for ``index`` closed; True if the chunk, still missing, has
+        no source left."""
+        peer.requested &= ~(1 << index)
+        if peer.backoff_until is None and self._book.outstanding(peer.name) < \
+                self.config.pipeline_depth:
+            self._free[peer.name] = None
+        return self._drop_source(index)
+
+    def _add_source(self, index: int) -> None:
+        count = self._sources[index] + 1
+        self._sources[index] = count
+        bit = 1 << index
+        if count == 1:
+            self._rarity.unwant(index)
+            self._sourced |= bit
+        if count >= self.config.endgame_duplicates:
+            self._saturated |= bit
+
+    def _drop_source(self, index: int) -> bool:
+        count = self._sources[index] - 1
+        self._sources[index] = count
+        bit = 1 << index
+        if count < self.config.endgame_duplicates:
+            self._saturated &= ~bit
+        if count == 0:
+            self._sourced &= ~bit
+            return bool(self._missing & bit)
+        return False
+
+    def _unsourced(self, index: int) -> None:
+        """Missing chunk ``index`` lost its last source: find it another."""
+        if self._forced & (1 << index):
+            self._queue_origin(index)
+            return
+        self._rarity.want(index)
+        if self._rarity.avail[index]:
+            self._offer(index)
+        else:
+            self._orphaned(index)
+
+    def _hold(self, index: int) -> None:
+        bit = 1 << index
+        self._missing ^= bit
+        self._rarity.unwant(index)
+        self._not_orphan(index)
+        self._forced &= ~bit
+        self._urgent &= ~bit
+        self._queued &= ~bit
+        acts = self._acts
+        acts.append(AnnounceHave(index))
+        cancelled = []
+        for name in self._book.peers_for(index):
+            self._book.cancel(name, index)
+            acts.append(SendCancel(name, index))
+            peer = self._peers.get(name)
+            if peer is not None:
+                self._release(peer, index)
+                cancelled.append(peer)
+        self._sourced &= ~bit
+        self._saturated &= ~bit
+        if not self._missing and not self._completed_sent:
+            self._completed_sent = True
+            acts.append(Completed())
+        for peer in cancelled:
+            self._fill(peer)
+
+    # -- the origin -------------------------------------------------------------------------
+
+    def _chunk_key(self, index: int) -> int:
+        key = self._chunk_keys.get(index)
+        if key is None:
+            key = self._chunk_keys[index] = chunk_key(self.blob, index)
+        return key
+
+    def _waiting(self, index: int) -> bool:
+        """True if ``index`` is an orphan we are waiting for (not queued for the origin)."""
+        bit = 1 << index
+        return bool(self._rarity.orphans & bit) and not self._queued & bit
+
+    def _orphaned(self, index: int) -> None:
+        """Wanted chunk ``index`` has no holder any more."""
+        if self._started:
+            self._orphan_since.setdefault(index, self._now)
+            self._check_orphan(index)
+
+    def _not_orphan(self, index: int) -> None:
+        """``index`` is held by a peer, or by us: stop waiting for or queueing it."""
+        self._orphan_since.pop(index, None)
+        self._orphan_deadline.pop(index, None)
+        self._queued &= ~(1 << index)
+        watcher = self._watched_by.pop(index, None)
+        if watcher is not None:
+            self._watching[watcher].discard(index)
+
+    def _check_orphan(self, index: int) -> None:
+        """Fetch orphan ``index`` from the origin now, or wait for a live node outranking us
+        (rendezvous weight) until it has been silent for ``origin_wait_limit``."""
+        now = self._now
+        since = self._orphan_since.setdefault(index, now)
+        limit = self.config.origin_wait_limit
+        key = self._chunk_key(index)
+        mine = xxh3_64_intdigest(self._self_key, key)
+        me = self.node_id
+        for name, peer in self._members.items():
+            theirs = xxh3_64_intdigest(peer.key, key)
+            if theirs > mine or (theirs == mine and name > me):
+                heard = peer.heard
+                until = (since if since > heard else heard) + limit
+                if until > now:
+                    self._watch(index, name, until)
+                    return
+        self._queue_origin(index)
+
+    def _watch(self, index: int, name: str, until: float) -> None:
+        old = self._watched_by.get(index)
+        if old != name:
+            if old is not None:
+                self._watching[old].discard(index)
+            self._watched_by[index] = name
+            watching = self._watching.get(name)
+            if watching is None:
+                self._watching[name] = {index}
+            else:
+                watching.add(index)
+        self._orphan_deadline[index] = until
+        heapq.heappush(self._deadlines, (until, index))
+
+    def _member_joined(self, peer: _Peer) -> None:
+        """A new interested node: chunks queued for the origin that it outranks us for are
+        its to fetch now."""
+        queued = self._queued & ~self._forced
+        if not queued:
+            return
+        me = self.node_id
+        for index in set_bits(queued):
+            key = self._chunk_key(index)
+            mine = xxh3_64_intdigest(self._self_key, key)
+            theirs = xxh3_64_intdigest(peer.key, key)
+            if theirs > mine or (theirs == mine and peer.name > me):
+                self._queued &= ~(1 << index)
+                self._watch(index, peer.name, self._now + self.config.origin_wait_limit)
+
+    def _queue_origin(self, index: int) -> None:
+        bit = 1 << index
+        if self._queued & bit:
+            return
+        self._queued |= bit
+        self._orphan_deadline.pop(index, None)
+        watcher = self._watched_by.pop(index, None)
+        if watcher is not None:
+            self._watching[watcher].discard(index)
+        self._seq += 1
+        heapq.heappush(self._origin_queue, (0 if self._urgent & bit else 1, self._seq, index))
+
+    def _pump_origin(self) -> None:
+        queue = self._origin_queue
+        limit = self.config.max_origin_in_flight
+        rarity = self._rarity
+        while self._origin_count < limit and queue:
+            index = heapq.heappop(queue)[2]
+            bit = 1 << index
+            if not self._queued & bit:
+                continue
+            self._queued ^= bit
+            if not self._missing & bit or (self._sourced | self._origin) & bit:
+                continue
+            if not self._forced & bit and not rarity.orphans & bit:
+                continue  # a peer has it now
+            self._orphan_since.pop(index, None)
+            self._origin |= bit
+            self._origin_count += 1
+            self._add_source(index)
+            self._acts.append(FetchFromOrigin(index))
