@@ -10,7 +10,10 @@ the swarm adds peers as a second source of the same chunks (the seam is ``ChunkS
 from __future__ import annotations
 
 import collections
+import logging
+import random
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 import xxhash
@@ -18,10 +21,15 @@ import xxhash
 from p2pull.core.chunks import ChunkPlan
 from p2pull.core.policy import AdaptiveConcurrency
 from p2pull.core.refs import Ref
+from p2pull.core.swarm import (AnnounceHave, BanPeer, BlobCorrupt, BlobSwarm, Completed,
+                               FetchFromOrigin, PieceFailed, PieceVerified, SendCancel,
+                               SendRequest, SwarmConfig, Tick)
 from p2pull.errors import IntegrityError, OriginError, first_error
 from p2pull.origin.client import OriginClient
 from p2pull.origin.manifest import Descriptor
-from p2pull.store.cas import PartialBlob, Store
+from p2pull.store.cas import PartialBlob, Store, chunk_checksum
+
+log = logging.getLogger("p2pull.fetch")
 
 #: bytes gathered from the network before one pwrite in a worker thread: large enough that
 #: the thread hand-off is cheap against the write, small enough to bound memory per request
@@ -33,6 +41,9 @@ LOCK_POLL_SECONDS = 0.1
 INTEGRITY_RETRIES = 2
 #: concurrency the origin pool starts at, before it measures
 INITIAL_ORIGIN_CONCURRENCY = 4
+#: chunks a swarm may have queued for the origin at once: all of them, in practice; the
+#: origin pool's adaptive concurrency is what limits the requests in flight
+MAX_ORIGIN_CHUNKS = 1 << 20
 #: the largest range asked in one request: a broken connection costs at most a resume, but
 #: a long request keeps a slow connection busy at the tail of a blob
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
@@ -49,6 +60,8 @@ class BlobProgress:
     from_origin: int = 0
     from_peers: int = 0
     reused: int = 0
+    #: pieces from peers whose bytes did not match their xxh3
+    rejected: int = 0
 
 
 @dataclass
@@ -150,43 +163,149 @@ class _OriginPool:
         self._spawn()
 
 
+class PeerMessenger(Protocol):
+    """What a blob session needs from the node's peer links (nothing, with no peers)."""
+
+    def send_request(self, peer: str, blob: str, index: int) -> None: ...
+
+    def send_cancel(self, peer: str, blob: str, index: int) -> None: ...
+
+    def announce_have(self, blob: str, index: int) -> None: ...
+
+    def ban(self, peer: str, reason: str) -> None: ...
+
+    def session_started(self, session: "BlobSession") -> None: ...
+
+    def session_ended(self, session: "BlobSession") -> None: ...
+
+
+class NoPeers:
+    """The messenger of a node with no peers: every chunk comes from the origin."""
+
+    def send_request(self, peer, blob, index): raise AssertionError("no peers to ask")
+
+    def send_cancel(self, peer, blob, index): pass
+
+    def announce_have(self, blob, index): pass
+
+    def ban(self, peer, reason): pass
+
+    def session_started(self, session): pass
+
+    def session_ended(self, session): pass
+
+
 class BlobSession:
-    """Brings one blob into the store, resuming what an earlier run left."""
+    """Brings one blob into the store, resuming what an earlier run left, with chunks from
+    peers first and the origin last as its BlobSwarm decides.
+
+    Swarm state changes only in ``apply``, which never awaits: trio runs it whole, so the
+    reader tasks of peers, the origin workers and the ticker can all feed it events."""
 
     def __init__(self, store: Store, ref: Ref, descriptor: Descriptor, progress: BlobProgress,
-                 chunk_size: int | None):
+                 chunk_size: int | None, *, node_id: str = "local",
+                 messenger: PeerMessenger | None = None,
+                 swarm_config: SwarmConfig | None = None, rng: random.Random | None = None):
         self.store = store
         self.ref = ref
         self.descriptor = descriptor
+        self.digest = descriptor.digest
         self.progress = progress
         self.plan = ChunkPlan.for_blob(descriptor.size, chunk_size)
+        self.node_id = node_id
+        self.messenger = messenger or NoPeers()
+        self.swarm_config = swarm_config or SwarmConfig(max_origin_in_flight=MAX_ORIGIN_CHUNKS)
+        self.rng = rng or random.Random()
         self.partial: PartialBlob | None = None
+        self.swarm: BlobSwarm | None = None
         self.host: str | None = None
+        #: chunk -> the peer it came from, for finding a liar when the blob's sha256 fails
+        self.chunk_sources: dict[int, str] = {}
+        #: chunk -> (peer, its checksum) of peer chunks re-fetched after a failed sha256
+        self._suspects: dict[int, tuple[str, bytes]] = {}
+        self._pool: _OriginPool | None = None
         self._committed = trio.Event()
         self._integrity_failures = 0
 
     async def run(self, pool: _OriginPool) -> None:
         if await self._wait_for_lock():
             return
+        self._pool = pool
         try:
-            first_round = True
-            while True:
-                missing = list(self.partial.bitmap.missing())
-                self.progress.held = self.descriptor.size - sum(
-                    self.plan.length(i) for i in missing)
-                if first_round:
-                    self.progress.reused = self.progress.held
-                    first_round = False
-                if missing:
-                    if self.host is None:
-                        await self._find_host(pool.origin)
-                    self.progress.state = "fetching"
-                    pool.submit(self, missing)
-                if await self._hash_and_publish():
-                    self.progress.state = "done"
-                    return
+            self.progress.held = self.progress.reused = sum(
+                self.plan.length(i) for i in self.partial.bitmap.held())
+            self.swarm = BlobSwarm(self.digest, self.plan, self.node_id, self.partial.bitmap,
+                                   self.swarm_config, self.rng)
+            if not self.swarm.complete:
+                self.progress.state = "fetching"
+                await self._find_host(pool.origin)
+                self.messenger.session_started(self)
+                self.apply(Tick())
+            while not await self._hash_and_publish():
+                pass
+            self.progress.state = "done"
         finally:
+            self.messenger.session_ended(self)
             self.partial.close()
+
+    # -- events in, actions out -------------------------------------------------------------
+
+    def apply(self, event) -> None:
+        """Feed ``event`` to the swarm and carry out what it decides."""
+        if self.swarm is None:
+            return
+        origin_chunks = []
+        for action in self.swarm.handle(event, trio.current_time()):
+            if isinstance(action, FetchFromOrigin):
+                origin_chunks.append(action.index)
+            elif isinstance(action, SendRequest):
+                self.messenger.send_request(action.peer, self.digest, action.index)
+            elif isinstance(action, SendCancel):
+                self.messenger.send_cancel(action.peer, self.digest, action.index)
+            elif isinstance(action, AnnounceHave):
+                self.messenger.announce_have(self.digest, action.index)
+            elif isinstance(action, BanPeer):
+                log.warning("banning peer %s: %s", action.peer, action.reason)
+                self.messenger.ban(action.peer, action.reason)
+            elif isinstance(action, Completed):
+                self._committed.set()
+        if origin_chunks:
+            self._pool.submit(self, sorted(origin_chunks))
+
+    def holds(self, index: int) -> bool:
+        return self.partial is not None and index in self.partial.bitmap
+
+    async def piece_from_peer(self, peer: str, index: int, checksum: bytes, payload) -> None:
+        """A verified-length piece from ``peer``: check its xxh3, write, commit."""
+        if not 0 <= index < self.plan.count or len(payload) != self.plan.length(index):
+            self.apply(PieceFailed(peer, index, "corrupt"))
+            return
+        if chunk_checksum(payload) != checksum:
+            self.progress.rejected += 1
+            self.apply(PieceFailed(peer, index, "corrupt"))
+            return
+        if self.holds(index):
+            return  # a duplicate from the endgame
+        await trio.to_thread.run_sync(self.partial.write, index, 0, payload)
+        if self.partial.commit(index, checksum):
+            self.chunk_sources[index] = peer
+            self.progress.from_peers += len(payload)
+            self.progress.held += len(payload)
+            self._committed.set()
+            self.apply(PieceVerified(peer, index, len(payload)))
+
+    def committed_from_origin(self, index: int, checksum: bytes) -> None:
+        """Chunk ``index`` arrived from the origin and its bytes are written."""
+        if not self.partial.commit(index, checksum):
+            return  # held already: a peer was faster
+        suspect = self._suspects.pop(index, None)
+        if suspect is not None and suspect[1] != checksum:
+            # this peer's bytes passed their own xxh3 but broke the blob's sha256
+            self.apply(PieceFailed(suspect[0], index, "corrupt"))
+        self._committed.set()
+        self.apply(PieceVerified(None, index, self.plan.length(index)))
+
+    # -- lock, hash, publish ----------------------------------------------------------------
 
     async def _wait_for_lock(self) -> bool:
         """Take the blob's lock; True if the blob is (or became) complete meanwhile."""
@@ -212,7 +331,7 @@ class BlobSession:
 
     async def _hash_and_publish(self) -> bool:
         """Hash chunks as they land; when all are held, publish. False if chunks were found
-        damaged or wrong and must be fetched again."""
+        damaged or wrong and are being fetched again."""
         partial = self.partial
         while True:
             self._committed = trio.Event()
@@ -225,15 +344,30 @@ class BlobSession:
             return True
         except IntegrityError as exc:
             self._integrity_failures += 1
-            damaged = await trio.to_thread.run_sync(partial.find_damaged_chunks)
-            if not damaged:
-                partial.discard_all()
             if self._integrity_failures > INTEGRITY_RETRIES:
-                raise IntegrityError(f"{self.ref}: the origin served bytes for "
-                                     f"{self.descriptor.digest} that do not match it, "
-                                     f"{self._integrity_failures} times; nothing was "
-                                     "published") from exc
-            return False
+                partial.discard_all()
+                raise IntegrityError(f"{self.ref}: {self.digest} did not match its bytes "
+                                     f"after {self._integrity_failures} attempts, the origin "
+                                     "serving them wrong; nothing was published") from exc
+        # Fetch again from the origin: chunks torn by a crash, and chunks from peers (one
+        # of them lied, with a checksum matching its wrong bytes). With neither, the origin
+        # itself served wrong bytes: try the whole blob once more.
+        damaged = await trio.to_thread.run_sync(partial.find_damaged_chunks)
+        refetch = {index: "damaged" for index in damaged}
+        for index, peer in self.chunk_sources.items():
+            if index not in refetch and index in partial.checksums:
+                self._suspects[index] = (peer, partial.checksums[index])
+                refetch[index] = peer
+        self.chunk_sources.clear()
+        if not refetch:
+            refetch = {index: "origin" for index in range(self.plan.count)}
+        partial.forget(refetch)
+        log.warning("%s failed its sha256; fetching %d chunks again from the origin",
+                    self.digest, len(refetch))
+        self.progress.held = sum(self.plan.length(i) for i in partial.bitmap.held())
+        self.progress.state = "fetching"
+        self.apply(BlobCorrupt(refetch))
+        return False
 
     async def fetch_from_origin(self, first: int, count: int, pool: _OriginPool) -> None:
         """Fetch chunks ``first .. first+count-1`` with one HTTP Range request, write them as
@@ -254,9 +388,6 @@ class BlobSession:
         finally:
             self.progress.held -= writer.uncommitted
 
-    def committed(self, index: int, checksum: bytes) -> None:
-        self.partial.commit(index, checksum)
-        self._committed.set()
 
 
 class _ChunkWriter:
@@ -272,6 +403,9 @@ class _ChunkWriter:
         self.checksum = xxhash.xxh3_128()
         self.pending: list = []
         self.uncommitted = 0  # counted in progress.held but not committed yet
+        # a chunk a peer delivered meanwhile is read past, not written over: a peer may be
+        # reading it from our partial file to serve it
+        self.skipping = session.holds(first)
 
     async def feed(self, piece: memoryview) -> None:
         plan = self.session.plan
@@ -279,19 +413,22 @@ class _ChunkWriter:
             length = plan.length(self.index)
             take = min(len(piece), length - self.position)
             part, piece = piece[:take], piece[take:]
-            self.checksum.update(part)
-            self.pending.append(part)
             self.position += take
-            self.uncommitted += take
-            self.session.progress.held += take
+            if not self.skipping:
+                self.checksum.update(part)
+                self.pending.append(part)
+                self.uncommitted += take
+                self.session.progress.held += take
             if self.position == length:
-                await self._flush()
-                self.session.committed(self.index, self.checksum.digest())
-                self.uncommitted -= length
+                if not self.skipping:
+                    await self._flush()
+                    self.uncommitted -= length
+                    self.session.committed_from_origin(self.index, self.checksum.digest())
                 self.index += 1
                 self.position = self.written = 0
                 self.checksum = xxhash.xxh3_128()
-            elif self.position - self.written >= WRITE_BATCH:
+                self.skipping = self.index < plan.count and self.session.holds(self.index)
+            elif not self.skipping and self.position - self.written >= WRITE_BATCH:
                 await self._flush()
 
     async def _flush(self) -> None:
@@ -303,9 +440,10 @@ class _ChunkWriter:
 
 async def fetch_blobs(store: Store, origin: OriginClient, ref: Ref,
                       descriptors: list[Descriptor], progress: Progress,
-                      chunk_size: int | None = None) -> None:
+                      chunk_size: int | None = None, **session_options) -> None:
     """Bring every blob of ``descriptors`` into ``store``, verified. Raises the first error
-    of any blob; partial downloads stay for the next attempt."""
+    of any blob; partial downloads stay for the next attempt. ``session_options`` go to
+    each BlobSession (a node passes its id, messenger, swarm config and generator)."""
     for descriptor in descriptors:
         title = descriptor.annotations.get("org.opencontainers.image.title") or \
             descriptor.digest[7:19]
@@ -316,7 +454,8 @@ async def fetch_blobs(store: Store, origin: OriginClient, ref: Ref,
             pool = _OriginPool(origin, ref, nursery, origin.config.origin_max_connections)
             for descriptor in descriptors:
                 session = BlobSession(store, ref, descriptor,
-                                      progress.blobs[descriptor.digest], chunk_size)
+                                      progress.blobs[descriptor.digest], chunk_size,
+                                      **session_options)
                 nursery.start_soon(session.run, pool)
     except BaseExceptionGroup as group:
         error = first_error(group)

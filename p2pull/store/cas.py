@@ -387,11 +387,15 @@ class PartialBlob:
 
     def discard_all(self) -> None:
         """Forget every chunk: the next attempt fetches the blob from scratch."""
-        for index in list(self.bitmap.held()):
+        self.forget(list(self.bitmap.held()))
+
+    def forget(self, indexes) -> None:
+        """Drop chunks from the held set (their bytes stay until overwritten)."""
+        for index in indexes:
             self.bitmap.discard(index)
-        self.checksums.clear()
+            self.checksums.pop(index, None)
         self._rewrite_log()
-        self._hasher, self._hashed_chunks = hashlib.sha256(), 0
+        self._hasher, self._hashed_chunks, self._written_back = hashlib.sha256(), 0, 0
 
     def _rewrite_log(self) -> None:
         self._log.seek(_LOG_HEADER.size)
