@@ -16,7 +16,9 @@ meets them to the most specific class here, with ``raise ... from exc``.
     ├── StoreError             the local store could not do what was asked
     │   ├── DiskFullError      no space left for a download
     │   └── UnsafePathError    a file name would escape the output directory
-    └── ProtocolError          a peer broke the wire protocol (peer issue)
+    └── ProtocolError          the peer protocol was broken; closes that one connection
+        ├── LocalProtocolError   we tried to break it: a bug or misuse on our side
+        └── RemoteProtocolError  the peer broke it: bad frame, field, order or handshake
 
 Each class carries the exit code the CLI returns for it, so scripts can tell a typo from a
 dead registry from a corrupt download.
@@ -78,6 +80,16 @@ class UnsafePathError(StoreError):
 
 class ProtocolError(P2pullError):
     exit_code = 11
+
+
+class LocalProtocolError(ProtocolError):
+    """We were about to break the peer protocol (an invalid message, or one sent in the wrong
+    state). ``p2pull.wire`` turns the ones it raises while decoding into RemoteProtocolError."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol: a malformed or oversize frame, a bad field, a message out
+    of order, or a failed handshake. Drop that one connection and log it."""
 
 
 #: The CLI's exit codes, for the README and for scripts.
