@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     rm = commands.add_parser("rm", help="forget a ref (its blobs go at the next gc)")
     rm.add_argument("ref")
 
+    commands.add_parser("daemon", help="run the node: share chunks with peers, serve the "
+                                       "local API")
+    status = commands.add_parser("status", help="what the local daemon is doing")
+    status.add_argument("--json", action="store_true")
+    peers = commands.add_parser("peers", help="the local daemon's peers")
+    peers.add_argument("--json", action="store_true")
+
     gc = commands.add_parser("gc", help="delete blobs no ref needs; cap the store's size")
     gc.add_argument("--max-size", help="evict least recently used refs above this, e.g. 50GiB")
     return parser
@@ -84,13 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 def _get(args, config, console: Console) -> int:
     progress = Progress()
     result = trio.run(_get_with_bars, args, config, progress, console)
-    summary = {"ref": str(result.ref), "manifest": result.manifest_digest,
-               "output": str(result.output) if result.output else None,
-               "bytes": result.total_bytes, "from_origin": result.from_origin,
-               "from_peers": result.from_peers, "reused": result.reused,
-               "seconds": round(result.seconds, 3), "offline": result.offline}
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(client.result_summary(result)))
     else:
         rate = (result.from_origin + result.from_peers) / max(result.seconds, 1e-9)
         where = f" -> {result.output}" if result.output else ""
@@ -152,6 +154,39 @@ def _push(args, config, console: Console) -> int:
     return 0
 
 
+def _daemon(args, config, console: Console) -> int:
+    from p2pull import daemon
+    return daemon.main(config)
+
+
+def _status(args, config, console: Console) -> int:
+    status = trio.run(client.daemon_request, config, "/status")
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    print(f"node {status['node_id']}  cluster {status['cluster']}  port "
+          f"{status['listen_port']}  peers {status['peers']}")
+    print(f"from origin {_mib(status['origin_bytes'])}  from peers "
+          f"{_mib(status['bytes_from_peers'])}  to peers {_mib(status['bytes_to_peers'])}  "
+          f"rejected chunks {status['chunks_rejected']}  bans {status['bans']}")
+    for session in status["sessions"]:
+        print(f"  {session['blob'][:19]}  {session['state']:9} "
+              f"{_mib(session['held']):>12} / {_mib(session['size'])}")
+    return 0
+
+
+def _peers(args, config, console: Console) -> int:
+    peers = trio.run(client.daemon_request, config, "/peers")
+    if args.json:
+        print(json.dumps(peers))
+        return 0
+    print(f"{'node':34}{'address':24}{'dir':5}{'in':>12}{'out':>12}")
+    for peer in peers:
+        print(f"{peer['node_id']:34}{peer['address']:24}{peer['direction']:5}"
+              f"{_mib(peer['bytes_in']):>12}{_mib(peer['bytes_out']):>12}")
+    return 0
+
+
 def _ls(args, config, console: Console) -> int:
     records = client.ls(config)
     if args.json:
@@ -178,7 +213,8 @@ def _mib(nbytes: float) -> str:
     return f"{nbytes / 2**20:.1f} MiB"
 
 
-_COMMANDS = {"get": _get, "push": _push, "ls": _ls, "rm": _rm, "gc": _gc}
+_COMMANDS = {"get": _get, "push": _push, "ls": _ls, "rm": _rm, "gc": _gc,
+             "daemon": _daemon, "status": _status, "peers": _peers}
 
 if __name__ == "__main__":
     sys.exit(main())

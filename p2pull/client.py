@@ -1,20 +1,25 @@
-"""The Python API: ``get``, ``ls``, ``rm``, ``gc`` and ``push``. The CLI is a thin layer on
-these. ``get`` runs an embedded node for the duration of the call (the daemon, when one
-runs, is used instead once the swarm lands)."""
+"""The Python API: ``get``, ``ls``, ``rm``, ``gc``, and the daemon's status. The CLI is a
+thin layer on these. ``get`` asks the local daemon when one runs, and otherwise runs an
+embedded node for the duration of the call: one way to fetch either way."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import httpx
 import trio
 
+from p2pull import errors
 from p2pull.config import Config, load_config
 from p2pull.core.refs import Ref, parse_ref
-from p2pull.errors import OriginUnavailable, UsageError
-from p2pull.net.fetch import Progress, fetch_blobs
+from p2pull.errors import OriginUnavailable, P2pullError, UsageError, first_error
+from p2pull.net.fetch import BlobProgress, Progress
+from p2pull.net.node import Node
 from p2pull.origin.client import OriginClient, OriginCounters
 from p2pull.origin.manifest import (INDEX_MEDIA_TYPES, Manifest, Platform, load_document,
                                     parse_manifest)
@@ -48,51 +53,138 @@ def _config(config: Config | None) -> Config:
 async def get(ref: str | Ref, *, output: Path | str | None = None,
               platform: str | None = None, force: bool = False, format: str = "files",
               config: Config | None = None, progress: Progress | None = None,
-              origin_counters: OriginCounters | None = None) -> GetResult:
+              origin_counters: OriginCounters | None = None,
+              use_daemon: bool = True) -> GetResult:
     """Fetch ``ref`` into the store, verified, and materialise it into ``output``.
 
+    The local daemon does it when one answers on ``config.socket`` (and ``use_daemon``);
+    otherwise an embedded node runs for this call, with the static peers of the config.
     ``format="files"`` makes ``output`` a link to the artifact's files (an atomic swap when
     it pointed at another version); ``"oci-layout"`` writes an OCI image layout there.
     With the registry unreachable, a ref recorded earlier is served from the store."""
     config = _config(config)
+    progress = progress if progress is not None else Progress()
+    if use_daemon and origin_counters is None and await daemon_running(config):
+        return await _get_via_daemon(config, str(ref), output, platform, force, format,
+                                     progress)
+    store = Store(config.data_dir)
+    async with OriginClient(config) as origin:
+        node = Node(config, store, origin)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(node.run, listen=False))
+                result = await get_with_node(node, ref, output=output, platform=platform,
+                                             force=force, format=format, progress=progress)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+        if origin_counters is not None:
+            origin_counters.bytes_received += origin.counters.bytes_received
+            origin_counters.requests += origin.counters.requests
+            origin_counters.retries += origin.counters.retries
+    return result
+
+
+async def get_with_node(node: Node, ref: str | Ref, *, output: Path | str | None = None,
+                        platform: str | None = None, force: bool = False,
+                        format: str = "files", progress: Progress | None = None) -> GetResult:
+    """``get`` on a running node: the daemon's, or an embedded one."""
+    config = node.config
     if format not in FORMATS:
         raise UsageError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     ref = parse_ref(ref, config.default_registry) if isinstance(ref, str) else ref
     wanted = Platform.parse(platform) if platform else None
-    store = Store(config.data_dir)
     progress = progress if progress is not None else Progress()
-    with store.in_use():
-        return await _get(store, ref, wanted, output, format, force, config, progress,
-                          origin_counters)
-
-
-async def _get(store: Store, ref: Ref, wanted: Platform | None, output, format: str,
-               force: bool, config: Config, progress: Progress,
-               origin_counters: OriginCounters | None) -> GetResult:
+    store = node.store
     started = time.monotonic()
     offline = False
-    async with OriginClient(config) as origin:
+    with store.in_use():
         try:
-            manifest = await origin.resolve(ref, wanted)
+            manifest = await node.origin.resolve(ref, wanted)
         except OriginUnavailable:
             manifest = _recorded_manifest(store, ref)
             if manifest is None:
                 raise
             log.warning("%s unreachable; using the manifest recorded for %s", ref.registry, ref)
             offline = True
-        await fetch_blobs(store, origin, ref, list(manifest.blobs), progress,
-                          config.chunk_size)
-        if origin_counters is not None:
-            origin_counters.bytes_received += origin.counters.bytes_received
-            origin_counters.requests += origin.counters.requests
-            origin_counters.retries += origin.counters.retries
-    store.save_manifest(manifest.digest, manifest.raw)
-    store.record_ref(ref, manifest.digest, manifest.media_type, manifest.total_size)
+        await node.fetch(ref, list(manifest.blobs), progress)
+        store.save_manifest(manifest.digest, manifest.raw)
+        store.record_ref(ref, manifest.digest, manifest.media_type, manifest.total_size)
     out = Path(output).absolute() if output is not None else None
     if out is not None:
         await trio.to_thread.run_sync(_materialise, store, manifest, ref, out, format, force)
     return GetResult(ref, manifest.digest, out, progress.total, progress.from_origin,
                      progress.from_peers, progress.reused, time.monotonic() - started, offline)
+
+
+def result_summary(result: GetResult) -> dict:
+    """A GetResult as JSON-ready values (the CLI's --json, the daemon's answer)."""
+    return {"ref": str(result.ref), "manifest": result.manifest_digest,
+            "output": str(result.output) if result.output else None,
+            "bytes": result.total_bytes, "from_origin": result.from_origin,
+            "from_peers": result.from_peers, "reused": result.reused,
+            "seconds": round(result.seconds, 3), "offline": result.offline}
+
+
+# -- the daemon's local API ---------------------------------------------------------------
+
+def _api_client(config: Config, timeout: float | None = 5.0) -> httpx.AsyncClient:
+    transport = httpx.AsyncHTTPTransport(uds=str(config.socket))
+    return httpx.AsyncClient(transport=transport, base_url="http://p2pull", timeout=timeout)
+
+
+async def daemon_running(config: Config) -> bool:
+    if not config.socket.exists():
+        return False
+    try:
+        async with _api_client(config, timeout=2.0) as api:
+            return (await api.get("/status")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def daemon_request(config: Config, path: str):
+    """GET ``path`` of the daemon's API; UsageError when no daemon answers."""
+    try:
+        async with _api_client(config) as api:
+            response = await api.get(path)
+    except httpx.HTTPError as exc:
+        raise UsageError(f"no p2pull daemon answers on {config.socket}: start one with "
+                         "`p2pull daemon`") from exc
+    return response.json()
+
+
+async def _get_via_daemon(config: Config, ref: str, output, platform, force, format,
+                          progress: Progress) -> GetResult:
+    body = {"ref": ref, "output": str(Path(output).absolute()) if output else None,
+            "platform": platform, "force": force, "format": format}
+    async with _api_client(config, timeout=None) as api:
+        async with api.stream("POST", "/get", json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                message = json.loads(line)
+                if "progress" in message:
+                    for digest, blob in message["progress"].items():
+                        progress.blobs[digest] = BlobProgress(**blob)
+                elif "error" in message:
+                    raise _error_from_daemon(message["error"])
+                elif "result" in message:
+                    result = message["result"]
+                    return GetResult(parse_ref(result["ref"]), result["manifest"],
+                                     Path(result["output"]) if result["output"] else None,
+                                     result["bytes"], result["from_origin"],
+                                     result["from_peers"], result["reused"],
+                                     result["seconds"], result["offline"])
+    raise P2pullError("the daemon ended the get without a result; see its log")
+
+
+def _error_from_daemon(error: dict) -> P2pullError:
+    """The daemon's error as the same class here, so the exit code is the same."""
+    kind = getattr(errors, error.get("type", ""), P2pullError)
+    if not (isinstance(kind, type) and issubclass(kind, P2pullError)):
+        kind = P2pullError
+    return kind(error.get("message", "the daemon reported an error"))
 
 
 def _materialise(store: Store, manifest: Manifest, ref: Ref, out: Path, format: str,

@@ -65,6 +65,14 @@ class Config:
     origin_attempts: int = 8
     #: seconds without progress on one origin request before it is retried
     origin_timeout: float = 30.0
+    #: peers served at once; a request beyond them is answered busy
+    upload_slots: int = 8
+    #: upload rate limit in bytes per second, or None for none
+    upload_rate: int | None = None
+    #: bytes that may be sent at once above the upload rate
+    upload_burst: int = 64 * 1024 * 1024
+    #: seconds a peer may stay silent (no data, no ping) before it is dropped
+    peer_timeout: float = 30.0
     #: per-registry credentials and mirrors
     registries: Mapping[str, RegistryConfig] = field(default_factory=dict)
 
@@ -139,6 +147,10 @@ _KEYS = {
     "origin_max_connections": ("P2PULL_ORIGIN_MAX_CONNECTIONS", int),
     "origin_attempts": ("P2PULL_ORIGIN_ATTEMPTS", int),
     "origin_timeout": ("P2PULL_ORIGIN_TIMEOUT", float),
+    "upload_slots": ("P2PULL_UPLOAD_SLOTS", int),
+    "upload_rate": ("P2PULL_UPLOAD_RATE", lambda value: parse_size(value) or None),
+    "upload_burst": ("P2PULL_UPLOAD_BURST", parse_size),
+    "peer_timeout": ("P2PULL_PEER_TIMEOUT", float),
 }
 
 

@@ -176,6 +176,9 @@ class PeerMessenger(Protocol):
 
     def session_started(self, session: "BlobSession") -> None: ...
 
+    async def wait_for_bitmaps(self, session: "BlobSession") -> None:
+        """Return once every connected peer sent its bitmap of the blob, or soon after."""
+
     def session_ended(self, session: "BlobSession") -> None: ...
 
 
@@ -191,6 +194,8 @@ class NoPeers:
     def ban(self, peer, reason): pass
 
     def session_started(self, session): pass
+
+    async def wait_for_bitmaps(self, session): pass
 
     def session_ended(self, session): pass
 
@@ -224,6 +229,8 @@ class BlobSession:
         #: chunk -> (peer, its checksum) of peer chunks re-fetched after a failed sha256
         self._suspects: dict[int, tuple[str, bytes]] = {}
         self._pool: _OriginPool | None = None
+        #: set once the swarm may use the origin; the node ticks only such sessions
+        self.ticking = False
         self._committed = trio.Event()
         self._integrity_failures = 0
 
@@ -240,6 +247,10 @@ class BlobSession:
                 self.progress.state = "fetching"
                 await self._find_host(pool.origin)
                 self.messenger.session_started(self)
+                # who is responsible for what depends on who else wants the blob: hear
+                # from the peers before the first Tick sends anything to the origin
+                await self.messenger.wait_for_bitmaps(self)
+                self.ticking = True
                 self.apply(Tick())
             while not await self._hash_and_publish():
                 pass
@@ -458,7 +469,4 @@ async def fetch_blobs(store: Store, origin: OriginClient, ref: Ref,
                                       **session_options)
                 nursery.start_soon(session.run, pool)
     except BaseExceptionGroup as group:
-        error = first_error(group)
-        if error is group:
-            raise
-        raise error from None
+        raise first_error(group) from None

@@ -1,0 +1,516 @@
+"""A p2pull node: the store, the origin client, peer links and the blob sessions that use
+them. The daemon runs one for its lifetime; ``get`` without a daemon runs one for a call.
+
+Ownership: ``Node.run`` owns a nursery with the peer listener, one connector per static
+peer, one task per peer link (which owns a reader, a writer and a server task and closes
+its stream in ``finally``), and the ticker. Blob sessions belong to the ``fetch`` call that
+made them and register here while they run, so links can feed them events.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import random
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from p2pull.config import Config
+from p2pull.core.bitmap import Bitmap
+from p2pull.core.chunks import ChunkPlan
+from p2pull.core.ratelimit import TokenBucket, UploadSlots
+from p2pull.core.refs import Ref
+from p2pull.core.swarm import PeerHave, PeerJoined, PeerLeft, PieceFailed, SwarmConfig, Tick
+from p2pull.errors import ProtocolError, UsageError
+from p2pull.net.fetch import MAX_ORIGIN_CHUNKS, BlobSession, Progress, fetch_blobs
+from p2pull.origin.client import OriginClient
+from p2pull.origin.manifest import Descriptor
+from p2pull.store.cas import Store, chunk_checksum
+from p2pull.wire import (NEED_DATA, Bitmap as BitmapMessage, Cancel, ConnectionClosed, Goodbye,
+                         Have, Interest, PeerConnection, PeerVerified, Piece, Ping, Pong, Reject,
+                         Request)
+
+log = logging.getLogger("p2pull.node")
+
+#: bytes asked of the socket per read: a 16 MiB piece in 16 reads
+RECEIVE_SIZE = 1024 * 1024
+#: a peer that has not completed the handshake by then is dropped
+HANDSHAKE_TIMEOUT = 10.0
+#: a write that makes no progress for this long means the peer stopped reading
+SEND_TIMEOUT = 30.0
+#: swarms are ticked this often (request expiry, origin wait limits)
+TICK_INTERVAL = 0.2
+#: requests queued from one peer beyond this are answered busy
+MAX_QUEUED_REQUESTS = 64
+RECONNECT_DELAYS = (0.5, 1, 2, 5, 10, 30)
+#: how long a new blob session waits for the bitmaps of connected peers (a round trip on
+#: a LAN) before the swarm decides who fetches what from the origin
+BITMAP_WAIT = 1.0
+DEFAULT_SECRET_PREFIX = b"p2pull default cluster secret: "
+
+
+def load_node_id(data_dir: Path) -> str:
+    """The node's id, made once and kept in the data directory."""
+    path = data_dir / "node-id"
+    try:
+        node_id = path.read_text().strip()
+        if len(node_id) == 32 and all(c in "0123456789abcdef" for c in node_id):
+            return node_id
+    except FileNotFoundError:
+        pass
+    node_id = secrets.token_hex(16)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(node_id + "\n")
+    return node_id
+
+
+def load_secret(config: Config) -> bytes:
+    """The cluster secret from ``secret_file``; without one, a default derived from the
+    cluster name (peers still must agree on the name, but anyone can join: set a secret)."""
+    if config.secret_file is None:
+        return DEFAULT_SECRET_PREFIX + config.cluster.encode()
+    try:
+        secret = config.secret_file.read_bytes().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read the cluster secret {config.secret_file}: "
+                         f"{exc.strerror}") from exc
+    if not secret:
+        raise UsageError(f"the cluster secret file {config.secret_file} is empty")
+    return secret
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"bad address {text!r}: write host:port")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class NodeCounters:
+    bytes_from_peers: int = 0
+    bytes_to_peers: int = 0
+    chunks_from_peers: int = 0
+    chunks_rejected: int = 0
+    bans: int = 0
+
+
+@dataclass(eq=False)
+class PeerLink:
+    """An established, verified connection to one peer."""
+
+    peer_id: str
+    host: str
+    listen_port: int
+    outbound: bool
+    stream: trio.abc.Stream
+    conn: PeerConnection
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    send_lock: trio.Lock = field(default_factory=trio.Lock)
+    #: blobs the peer told us it wants (Interest)
+    interested: set[str] = field(default_factory=set)
+    #: blobs for which the peer's bitmap joined our session
+    joined: set[str] = field(default_factory=set)
+    requests: collections.deque = field(default_factory=collections.deque)
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def __post_init__(self):
+        self.outbox_send, self.outbox_receive = trio.open_memory_channel(math.inf)
+        self.request_ready = trio.Event()
+
+    def send(self, message) -> None:
+        """Queue a control message; the link's writer sends it."""
+        try:
+            self.outbox_send.send_nowait(self.conn.send(message))
+        except (trio.ClosedResourceError, ProtocolError):
+            pass  # the link is closing
+
+    async def write(self, buffers) -> None:
+        async with self.send_lock:
+            with trio.fail_after(SEND_TIMEOUT):
+                for buffer in buffers:
+                    await self.stream.send_all(buffer)
+                    self.bytes_out += len(buffer)
+
+    def describe(self) -> dict:
+        return {"node_id": self.peer_id, "address": f"{self.host}:{self.listen_port}",
+                "direction": "out" if self.outbound else "in", "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out, "blobs": sorted(self.interested | self.joined)}
+
+
+class Node:
+    def __init__(self, config: Config, store: Store, origin: OriginClient, *,
+                 node_id: str | None = None, rng: random.Random | None = None,
+                 swarm_config: SwarmConfig | None = None):
+        self.config = config
+        self.store = store
+        self.origin = origin
+        self.node_id = node_id or load_node_id(config.data_dir)
+        self.secret = load_secret(config)
+        self.rng = rng or random.Random()
+        self.swarm_config = swarm_config or SwarmConfig(max_origin_in_flight=MAX_ORIGIN_CHUNKS)
+        self.listen_port = 0
+        self.links: dict[str, PeerLink] = {}
+        self.sessions: dict[str, BlobSession] = {}
+        self.banned: set[str] = set()
+        self.counters = NodeCounters()
+        self.upload_slots = UploadSlots(config.upload_slots)
+        self.upload_bucket = TokenBucket(config.upload_rate, config.upload_burst)
+        self._self_addresses: set[tuple[str, int]] = set()
+        self._nursery: trio.Nursery | None = None
+
+    # -- services -----------------------------------------------------------------------------
+
+    async def run(self, *, listen: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve peers until cancelled; ``task_status.started()`` once listening."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if listen:
+                host, port = parse_address(self.config.listen)
+                listeners = await trio.open_tcp_listeners(port, host=host)
+                self.listen_port = listeners[0].socket.getsockname()[1]
+                nursery.start_soon(trio.serve_listeners, self._accept, listeners)
+            for address in self.config.peers:
+                nursery.start_soon(self._keep_connected, parse_address(address))
+            nursery.start_soon(self._tick)
+            task_status.started()
+
+    async def stop(self) -> None:
+        """Say goodbye to every peer; the caller then cancels ``run``."""
+        for link in list(self.links.values()):
+            link.send(Goodbye("node stopping"))
+        with trio.move_on_after(1.0):
+            for link in list(self.links.values()):
+                with trio.move_on_after(0.2):
+                    while link.outbox_receive.statistics().current_buffer_used:
+                        await trio.sleep(0.01)
+
+    async def fetch(self, ref: Ref, descriptors: list[Descriptor], progress: Progress) -> None:
+        """Bring the blobs into the store: peers first, the origin last."""
+        await fetch_blobs(self.store, self.origin, ref, descriptors, progress,
+                          self.config.chunk_size, node_id=self.node_id, messenger=self,
+                          swarm_config=self.swarm_config, rng=self.rng)
+
+    async def _tick(self) -> None:
+        while True:
+            await trio.sleep(TICK_INTERVAL)
+            for session in list(self.sessions.values()):
+                if session.ticking:
+                    session.apply(Tick())
+
+    # -- connections ----------------------------------------------------------------------
+
+    async def _accept(self, stream: trio.SocketStream) -> None:
+        host = stream.socket.getpeername()[0]
+        await self._run_link(stream, host, outbound=False)
+
+    async def _keep_connected(self, address: tuple[str, int]) -> None:
+        failures = 0
+        while address not in self._self_addresses:
+            if not any((link.host, link.listen_port) == address for link in
+                       self.links.values()):
+                try:
+                    with trio.fail_after(HANDSHAKE_TIMEOUT):
+                        stream = await trio.open_tcp_stream(*address)
+                except (OSError, trio.TooSlowError) as exc:
+                    log.debug("peer %s:%d unreachable: %r", *address, exc)
+                else:
+                    failures = 0
+                    await self._run_link(stream, address[0], outbound=True, dialed=address)
+            failures += 1
+            await trio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS)) - 1])
+
+    async def _run_link(self, stream, host: str, *, outbound: bool,
+                        dialed: tuple[str, int] | None = None) -> None:
+        conn = PeerConnection(self.node_id, self.config.cluster, self.secret,
+                              os.urandom(32), self.listen_port)
+        link = None
+        try:
+            verified, pending = await self._handshake(stream, conn)
+            link = PeerLink(verified.node_id, host, verified.listen_port, outbound, stream, conn)
+            if not self._register(link):
+                return
+            with link.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write_outbox, link)
+                    nursery.start_soon(self._serve_requests, link)
+                    nursery.start_soon(self._keepalive, link)
+                    await self._read(link, pending)
+                    nursery.cancel_scope.cancel()
+        except ProtocolError as exc:
+            if "connected to itself" in str(exc) and dialed:
+                self._self_addresses.add(dialed)
+            log.warning("peer %s at %s dropped: %s", link.peer_id if link else "?", host, exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+                OSError) as exc:
+            log.info("peer %s at %s disconnected: %r", link.peer_id if link else "?", host, exc)
+        finally:
+            if link is not None:
+                self._unregister(link)
+            await stream.aclose()
+
+    async def _handshake(self, stream, conn: PeerConnection):
+        """Both Hellos, both Auths; returns (PeerVerified, events that followed it)."""
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await stream.send_all(conn.start())
+            while True:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                conn.receive_data(data)
+                while True:
+                    event = conn.next_event()
+                    reply = conn.data_to_send()
+                    if reply:
+                        await stream.send_all(reply)
+                    if event is NEED_DATA:
+                        break
+                    if isinstance(event, PeerVerified):
+                        return event, self._drain(conn)
+                    if isinstance(event, ConnectionClosed):
+                        raise ProtocolError("the peer closed the connection in the handshake")
+
+    @staticmethod
+    def _drain(conn: PeerConnection) -> list:
+        events = []
+        while (event := conn.next_event()) is not NEED_DATA:
+            events.append(event)
+            if isinstance(event, ConnectionClosed):
+                break
+        return events
+
+    def _register(self, link: PeerLink) -> bool:
+        if link.peer_id in self.banned:
+            log.info("refusing banned peer %s", link.peer_id)
+            return False
+        existing = self.links.get(link.peer_id)
+        if existing is not None:
+            # both sides keep the connection dialed by the smaller node id
+            if link.outbound != (self.node_id < link.peer_id):
+                return False
+            existing.scope.cancel()
+            self._unregister(existing)
+        self.links[link.peer_id] = link
+        log.info("peer %s connected (%s:%d)", link.peer_id, link.host, link.listen_port)
+        for session in list(self.sessions.values()):
+            self._announce_session(link, session)
+        return True
+
+    def _unregister(self, link: PeerLink) -> None:
+        if self.links.get(link.peer_id) is not link:
+            return
+        del self.links[link.peer_id]
+        link.outbox_send.close()
+        for blob in link.joined:
+            session = self.sessions.get(blob)
+            if session is not None:
+                session.apply(PeerLeft(link.peer_id))
+
+    # -- the link's tasks -------------------------------------------------------------------
+
+    async def _keepalive(self, link: PeerLink) -> None:
+        interval = self.config.peer_timeout / 3
+        while True:
+            await trio.sleep(interval)
+            link.send(Ping(self.rng.getrandbits(32)))
+
+    async def _write_outbox(self, link: PeerLink) -> None:
+        async for frame in link.outbox_receive:
+            await link.write([frame])
+
+    async def _read(self, link: PeerLink, pending: list) -> None:
+        for event in pending:
+            if not await self._dispatch(link, event):
+                return
+        while True:
+            with trio.move_on_after(self.config.peer_timeout) as idle:
+                data = await link.stream.receive_some(RECEIVE_SIZE)
+            if idle.cancelled_caught:
+                raise ProtocolError(f"silent for {self.config.peer_timeout:.0f} s")
+            link.bytes_in += len(data)
+            link.conn.receive_data(data)
+            while (event := link.conn.next_event()) is not NEED_DATA:
+                if not await self._dispatch(link, event):
+                    return
+
+    async def _dispatch(self, link: PeerLink, event) -> bool:
+        """Act on one event from a peer; False when the link should close."""
+        peer = link.peer_id
+        if isinstance(event, Piece):
+            await self._receive_piece(link, event)
+        elif isinstance(event, Request):
+            if len(link.requests) >= MAX_QUEUED_REQUESTS:
+                link.send(Reject(event.blob, event.index, "busy"))
+            else:
+                link.requests.append((event.blob, event.index))
+                link.request_ready.set()
+        elif isinstance(event, Cancel):
+            try:
+                link.requests.remove((event.blob, event.index))
+            except ValueError:
+                pass  # already sent, or never asked
+        elif isinstance(event, Have):
+            if event.blob in link.joined and event.blob in self.sessions:
+                self.sessions[event.blob].apply(PeerHave(peer, event.index))
+        elif isinstance(event, BitmapMessage):
+            session = self.sessions.get(event.blob)
+            if session is not None and event.blob not in link.joined:
+                if event.count != session.plan.count:
+                    raise ProtocolError(f"bitmap of {event.count} chunks for {event.blob}, "
+                                        f"which has {session.plan.count}")
+                link.joined.add(event.blob)
+                session.apply(PeerJoined(peer, Bitmap(event.count, event.bits)))
+        elif isinstance(event, Interest):
+            link.interested.add(event.blob)
+            bitmap = self._bitmap_of(event.blob)
+            if bitmap is not None:
+                link.send(BitmapMessage(event.blob, bitmap.to_bytes(), bitmap.size))
+        elif isinstance(event, Reject):
+            session = self.sessions.get(event.blob)
+            if session is not None:
+                reason = "busy" if event.reason == "busy" else "rejected"
+                session.apply(PieceFailed(peer, event.index, reason))
+        elif isinstance(event, Ping):
+            link.send(Pong(event.nonce))
+        elif isinstance(event, (Goodbye, ConnectionClosed)):
+            return False
+        return True
+
+    async def _receive_piece(self, link: PeerLink, piece: Piece) -> None:
+        session = self.sessions.get(piece.blob)
+        if session is None:
+            return  # finished meanwhile: a late duplicate
+        size = len(piece.payload)
+        self.counters.bytes_from_peers += size
+        rejected = session.progress.rejected
+        await session.piece_from_peer(link.peer_id, piece.index, piece.checksum, piece.payload)
+        if session.progress.rejected > rejected:
+            self.counters.chunks_rejected += 1
+        else:
+            self.counters.chunks_from_peers += 1
+
+    # -- serving ----------------------------------------------------------------------------
+
+    def _bitmap_of(self, blob: str) -> Bitmap | None:
+        session = self.sessions.get(blob)
+        if session is not None and session.partial is not None:
+            return Bitmap(session.plan.count, session.partial.bitmap.to_bytes())
+        try:
+            size = self.store.blob_path(blob).stat().st_size
+        except (OSError, ValueError):
+            return None
+        return Bitmap.full(ChunkPlan.for_blob(size, self.config.chunk_size).count)
+
+    async def _serve_requests(self, link: PeerLink) -> None:
+        while True:
+            await link.request_ready.wait()
+            link.request_ready = trio.Event()
+            while link.requests:
+                blob, index = link.requests.popleft()
+                if not self.upload_slots.try_acquire(link.peer_id):
+                    link.send(Reject(blob, index, "busy"))
+                    continue
+                try:
+                    await self._serve_one(link, blob, index)
+                finally:
+                    self.upload_slots.release(link.peer_id)
+
+    async def _serve_one(self, link: PeerLink, blob: str, index: int) -> None:
+        chunk = await trio.to_thread.run_sync(self._read_chunk, blob, index)
+        if chunk is None:
+            link.send(Reject(blob, index, "missing"))
+            return
+        data, checksum = chunk
+        delay = self.upload_bucket.reserve(len(data), trio.current_time())
+        if delay > 0:
+            await trio.sleep(delay)
+        await link.write(link.conn.send_piece(blob, index, checksum, data))
+        self.counters.bytes_to_peers += len(data)
+
+    def _read_chunk(self, blob: str, index: int) -> tuple[bytes, bytes] | None:
+        """(bytes, xxh3) of a chunk we hold, from the partial file or the store; None if
+        we do not hold it. Runs in a worker thread."""
+        session = self.sessions.get(blob)
+        try:
+            if session is not None and session.holds(index):
+                checksum = session.partial.checksums.get(index)
+                data = session.partial.read_chunk(index)
+                if checksum is not None and session.holds(index):
+                    return data, checksum
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass  # published and closed meanwhile: read it from the store
+        try:
+            with open(self.store.blob_path(blob), "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                plan = ChunkPlan.for_blob(size, self.config.chunk_size)
+                if not 0 <= index < plan.count:
+                    return None
+                offset, length = plan.span(index)
+                data = os.pread(file.fileno(), length, offset)
+        except (OSError, ValueError):
+            return None
+        return data, chunk_checksum(data)
+
+    # -- PeerMessenger: what blob sessions ask of the links -------------------------------
+
+    def send_request(self, peer: str, blob: str, index: int) -> None:
+        link = self.links.get(peer)
+        if link is not None:
+            link.send(Request(blob, index))
+
+    def send_cancel(self, peer: str, blob: str, index: int) -> None:
+        link = self.links.get(peer)
+        if link is not None:
+            link.send(Cancel(blob, index))
+
+    def announce_have(self, blob: str, index: int) -> None:
+        for link in self.links.values():
+            if blob in link.interested or blob in link.joined:
+                link.send(Have(blob, index))
+
+    def ban(self, peer: str, reason: str) -> None:
+        if peer not in self.banned:
+            self.banned.add(peer)
+            self.counters.bans += 1
+        link = self.links.get(peer)
+        if link is not None:
+            link.scope.cancel()
+
+    def session_started(self, session: BlobSession) -> None:
+        self.sessions[session.digest] = session
+        for link in list(self.links.values()):
+            self._announce_session(link, session)
+
+    async def wait_for_bitmaps(self, session: BlobSession) -> None:
+        with trio.move_on_after(BITMAP_WAIT):
+            while not all(session.digest in link.joined for link in self.links.values()):
+                await trio.sleep(0.01)
+
+    def session_ended(self, session: BlobSession) -> None:
+        if self.sessions.get(session.digest) is session:
+            del self.sessions[session.digest]
+
+    def _announce_session(self, link: PeerLink, session: BlobSession) -> None:
+        link.send(Interest(session.digest, session.descriptor.size, session.plan.chunk_size))
+        bitmap = session.partial.bitmap
+        link.send(BitmapMessage(session.digest, bitmap.to_bytes(), bitmap.size))
+
+    # -- observability --------------------------------------------------------------------
+
+    def status(self) -> dict:
+        return {"node_id": self.node_id, "cluster": self.config.cluster,
+                "listen_port": self.listen_port, "peers": len(self.links),
+                "origin_bytes": self.origin.counters.bytes_received,
+                **self.counters.__dict__,
+                "sessions": [{"blob": digest, "size": s.descriptor.size,
+                              "held": s.progress.held, "state": s.progress.state,
+                              "from_origin": s.progress.from_origin,
+                              "from_peers": s.progress.from_peers}
+                             for digest, s in self.sessions.items()]}
+
+    def peers(self) -> list[dict]:
+        return [link.describe() for link in self.links.values()]
