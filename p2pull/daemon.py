@@ -19,6 +19,7 @@ from p2pull.config import Config
 from p2pull.errors import P2pullError, first_error
 from p2pull.net.api import open_unix_listener, serve_api
 from p2pull.net.fetch import Progress
+from p2pull.net.metrics import serve_metrics
 from p2pull.net.node import Node
 from p2pull.origin.client import OriginClient
 from p2pull.store.cas import Store
@@ -38,15 +39,21 @@ async def run_daemon(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) ->
             api = _Api(node, nursery)
             listener = await open_unix_listener(config.socket)
             await nursery.start(serve_api, listener, api.json_routes(), api.stream_routes())
+            metrics = serve_metrics(node, config.metrics_listen) if config.metrics_listen \
+                else None
             log.info("node %s of cluster %r: peers on port %d, API on %s", node.node_id,
                      config.cluster, node.listen_port, config.socket)
             task_status.started(node)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("stopping on %s", signal.Signals(signum).name)
-                    await node.stop()
-                    nursery.cancel_scope.cancel()
-                    break
+            try:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("stopping on %s", signal.Signals(signum).name)
+                        await node.stop()
+                        nursery.cancel_scope.cancel()
+                        break
+            finally:
+                if metrics is not None:
+                    metrics.shutdown()
     try:
         config.socket.unlink()
     except FileNotFoundError:

@@ -243,13 +243,17 @@ class Node:
                     nursery.start_soon(self._keepalive, link)
                     await self._read(link, pending)
                     nursery.cancel_scope.cancel()
-        except ProtocolError as exc:
+        # except*: errors of the link's own tasks arrive grouped by its nursery; they end
+        # this link only, never the node
+        except* ProtocolError as group:
+            exc = group.exceptions[0]
             if "connected to itself" in str(exc) and dialed:
                 self._self_addresses.add(dialed)
             log.warning("peer %s at %s dropped: %s", link.peer_id if link else "?", host, exc)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
-                OSError) as exc:
-            log.info("peer %s at %s disconnected: %r", link.peer_id if link else "?", host, exc)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+                 OSError) as group:
+            log.info("peer %s at %s disconnected: %r", link.peer_id if link else "?", host,
+                     group.exceptions[0])
         finally:
             if link is not None:
                 self._unregister(link)
