@@ -2,8 +2,9 @@
 
 Generates a model of a few hundred MiB (once; cached under ``.demo/``), packs it as a
 ModelPack artifact in an OCI image layout, serves that layout with the in-process origin,
-and runs ``p2pull get`` on it with a fresh store, then says where the bytes came from and
-checks the files against the source.
+starts several daemons on loopback, runs ``p2pull get`` on all of them at once with fresh
+stores, then prints per node the time and the bytes from peers and from the origin, the
+origin's total against the model size, and checks every file against the source.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import json
 import os
 import random
 import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-from p2pull import cli
 from p2pull.origin.layout_server import LayoutOrigin
 from p2pull.origin.manifest import OCI_MANIFEST
 from p2pull.origin.push import pack_directory
@@ -34,6 +38,8 @@ MODEL_FILES = {
 #: pseudo-random bytes are generated in pieces of this size
 PIECE = 16 * 2**20
 TAG = "v1"
+STARTUP_SECONDS = 30
+PULL_TIMEOUT_SECONDS = 600
 
 
 def generate_model(directory: Path, scale: float = 1.0, seed: int = 2026) -> None:
@@ -82,16 +88,85 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Cluster:
+    """``nodes`` daemons on loopback, each with its own store and socket, static peers =
+    all the others. Stopped (SIGTERM, then SIGKILL) by PID on exit."""
+
+    def __init__(self, work: Path, nodes: int):
+        self.work = work
+        ports = [free_port() for _ in range(nodes)]
+        self.envs = []
+        for n, port in enumerate(ports):
+            env = {k: v for k, v in os.environ.items() if not k.startswith("P2PULL_")}
+            env.update(P2PULL_DATA_DIR=str(work / f"node{n}"),
+                       P2PULL_LISTEN=f"127.0.0.1:{port}", P2PULL_DISCOVERY="static",
+                       P2PULL_PEERS=",".join(f"127.0.0.1:{p}" for p in ports if p != port))
+            self.envs.append(env)
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> "Cluster":
+        for n, env in enumerate(self.envs):
+            shutil.rmtree(env["P2PULL_DATA_DIR"], ignore_errors=True)
+            log = open(self.work / f"node{n}.log", "w")
+            self.processes.append(subprocess.Popen(
+                [sys.executable, "-m", "p2pull", "-v", "daemon"], env=env, stdout=log,
+                stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + STARTUP_SECONDS
+        for env in self.envs:
+            while self.peer_count(env) < len(self.envs) - 1:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"the daemons did not connect; see {self.work}/node*.log")
+                time.sleep(0.1)
+        return self
+
+    @staticmethod
+    def peer_count(env: dict) -> int:
+        done = subprocess.run([sys.executable, "-m", "p2pull", "peers", "--json"], env=env,
+                              capture_output=True, text=True)
+        return len(json.loads(done.stdout)) if done.returncode == 0 else -1
+
+    def __exit__(self, *exc) -> None:
+        for process in self.processes:
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def pull_everywhere(cluster: Cluster, ref: str) -> list[dict]:
+    """``p2pull get`` on every node at once (each through its own daemon)."""
+    pulls = [subprocess.Popen([sys.executable, "-m", "p2pull", "get", ref, "-o",
+                               str(cluster.work / f"out{n}"), "--json"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n, env in enumerate(cluster.envs)]
+    results = []
+    for n, pull in enumerate(pulls):
+        out, err = pull.communicate(timeout=PULL_TIMEOUT_SECONDS)
+        if pull.returncode != 0:
+            raise SystemExit(f"node {n}: {err.strip()}")
+        results.append(json.loads(out))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path(".demo"),
-                        help="where the model, layout, store and output go (default .demo)")
+                        help="where the model, layout, stores and outputs go (default .demo)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the weight files' sizes (default 1: about 288 MiB)")
+    parser.add_argument("--nodes", type=int, default=4, help="daemons to start (default 4)")
     args = parser.parse_args(argv)
     work = args.workdir.absolute()
     model_dir, layout_dir = work / "model", work / "layout"
-    store_dir, out_dir = work / "store", work / "out"
 
     print(f"generating the demo model in {model_dir} (cached after the first run)")
     generate_model(model_dir, args.scale)
@@ -99,31 +174,29 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(layout_dir)
     build_layout(model_dir, layout_dir)
     model_bytes = sum(p.stat().st_size for p in model_dir.iterdir())
+    print(f"model: {model_bytes / 2**20:.1f} MiB in {len(MODEL_FILES)} files")
 
-    # a fresh store every run, so the demo really pulls
-    shutil.rmtree(store_dir, ignore_errors=True)
-    if out_dir.is_symlink():
-        out_dir.unlink()
-    os.environ["P2PULL_DATA_DIR"] = str(store_dir)
     with LayoutOrigin(layout_dir) as origin:
         ref = f"{origin.host}/demo/model:{TAG}"
-        print(f"origin: in-process OCI registry at {origin.host}, serving {layout_dir}")
-        print(f"$ p2pull get {ref} -o {out_dir}")
-        status = cli.main(["get", ref, "-o", str(out_dir)])
+        print(f"origin: in-process OCI registry at {origin.host}")
+        print(f"starting {args.nodes} daemons on loopback (static peers; logs in {work})")
+        with Cluster(work, args.nodes) as cluster:
+            print(f"$ p2pull get {ref} -o OUT   # on all {args.nodes} nodes at once")
+            results = pull_everywhere(cluster, ref)
         served = origin.bytes_served
-    if status != 0:
-        return status
 
-    mismatched = [p.name for p in model_dir.iterdir()
-                  if sha256_file(p) != sha256_file(out_dir / p.name)]
-    print(f"\nmodel: {model_bytes / 2**20:.1f} MiB in {len(MODEL_FILES)} files")
-    print(f"origin served {served / 2**20:.1f} MiB "
-          f"({served / model_bytes:.3f}x the model; manifests and config included)")
-    print("peers: none in this demo (one node); the swarm demo starts several daemons")
+    print(f"\n{'node':6}{'seconds':>9}{'from origin':>14}{'from peers':>13}")
+    for n, result in enumerate(results):
+        print(f"{n:<6}{result['seconds']:>9.2f}{result['from_origin'] / 2**20:>10.1f} MiB"
+              f"{result['from_peers'] / 2**20:>9.1f} MiB")
+    print(f"\norigin served {served / 2**20:.1f} MiB for {args.nodes} nodes: "
+          f"{served / model_bytes:.3f}x the model (without peers: {args.nodes}x)")
+    mismatched = [f"out{n}/{p.name}" for n in range(args.nodes) for p in model_dir.iterdir()
+                  if sha256_file(p) != sha256_file(work / f"out{n}" / p.name)]
     if mismatched:
         print(f"MISMATCH in {', '.join(mismatched)}")
         return 1
-    print(f"all files in {out_dir} match the source byte for byte")
+    print(f"every node's files match the source byte for byte")
     return 0
 
 
