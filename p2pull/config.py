@@ -71,6 +71,9 @@ class Config:
     upload_rate: int | None = None
     #: bytes that may be sent at once above the upload rate
     upload_burst: int = 64 * 1024 * 1024
+    #: download rate limit (peers and origin together) in bytes per second, or None for
+    #: none; bursts of one second's worth
+    download_rate: int | None = None
     #: seconds a peer may stay silent (no data, no ping) before it is dropped
     peer_timeout: float = 30.0
     #: per-registry credentials and mirrors
@@ -150,6 +153,7 @@ _KEYS = {
     "upload_slots": ("P2PULL_UPLOAD_SLOTS", int),
     "upload_rate": ("P2PULL_UPLOAD_RATE", lambda value: parse_size(value) or None),
     "upload_burst": ("P2PULL_UPLOAD_BURST", parse_size),
+    "download_rate": ("P2PULL_DOWNLOAD_RATE", lambda value: parse_size(value) or None),
     "peer_timeout": ("P2PULL_PEER_TIMEOUT", float),
 }
 

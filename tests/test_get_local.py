@@ -159,3 +159,13 @@ async def test_oci_layout_output_is_accepted_by_skopeo(layout, tmp_path):
     assert done.returncode == 0, done.stderr
     weights = hashlib.sha256(files["weights.bin"]).hexdigest()
     assert (copied / weights).read_bytes() == files["weights.bin"]
+
+
+async def test_download_rate_limit_is_honoured(layout, tmp_path):
+    layout_dir, files = layout
+    rate = 1_000_000
+    with LayoutOrigin(layout_dir) as origin:
+        result = await client.get(f"{origin.host}/m:v1",
+                                  config=config_for(tmp_path / "store", download_rate=rate))
+    # the first second's worth is a burst; the rest moves at the rate
+    assert result.seconds >= (result.total_bytes - rate) / rate * 0.9

@@ -20,6 +20,7 @@ import xxhash
 
 from p2pull.core.chunks import ChunkPlan
 from p2pull.core.policy import AdaptiveConcurrency
+from p2pull.core.ratelimit import TokenBucket
 from p2pull.core.refs import Ref
 from p2pull.core.swarm import (AnnounceHave, BanPeer, BlobCorrupt, BlobSwarm, Completed,
                                FetchFromOrigin, PieceFailed, PieceVerified, SendCancel,
@@ -163,6 +164,13 @@ class _OriginPool:
         self._spawn()
 
 
+async def throttle(bucket: TokenBucket, nbytes: int) -> None:
+    """Wait as long as ``bucket`` says before ``nbytes`` more may move."""
+    delay = bucket.reserve(nbytes, trio.current_time())
+    if delay > 0:
+        await trio.sleep(delay)
+
+
 class PeerMessenger(Protocol):
     """What a blob session needs from the node's peer links (nothing, with no peers)."""
 
@@ -210,7 +218,8 @@ class BlobSession:
     def __init__(self, store: Store, ref: Ref, descriptor: Descriptor, progress: BlobProgress,
                  chunk_size: int | None, *, node_id: str = "local",
                  messenger: PeerMessenger | None = None,
-                 swarm_config: SwarmConfig | None = None, rng: random.Random | None = None):
+                 swarm_config: SwarmConfig | None = None, rng: random.Random | None = None,
+                 download_bucket: TokenBucket | None = None):
         self.store = store
         self.ref = ref
         self.descriptor = descriptor
@@ -221,6 +230,7 @@ class BlobSession:
         self.messenger = messenger or NoPeers()
         self.swarm_config = swarm_config or SwarmConfig(max_origin_in_flight=MAX_ORIGIN_CHUNKS)
         self.rng = rng or random.Random()
+        self.download_bucket = download_bucket or TokenBucket(None, 0)
         self.partial: PartialBlob | None = None
         self.swarm: BlobSwarm | None = None
         self.host: str | None = None
@@ -388,6 +398,7 @@ class BlobSession:
         last_offset, last_length = self.plan.span(first + count - 1)
 
         async def sink(piece: memoryview) -> None:
+            await throttle(self.download_bucket, len(piece))
             self.progress.from_origin += len(piece)
             pool.on_bytes(len(piece))
             await writer.feed(piece)

@@ -27,7 +27,7 @@ from p2pull.core.ratelimit import TokenBucket, UploadSlots
 from p2pull.core.refs import Ref
 from p2pull.core.swarm import PeerHave, PeerJoined, PeerLeft, PieceFailed, SwarmConfig, Tick
 from p2pull.errors import ProtocolError, UsageError
-from p2pull.net.fetch import MAX_ORIGIN_CHUNKS, BlobSession, Progress, fetch_blobs
+from p2pull.net.fetch import MAX_ORIGIN_CHUNKS, BlobSession, Progress, fetch_blobs, throttle
 from p2pull.origin.client import OriginClient
 from p2pull.origin.manifest import Descriptor
 from p2pull.store.cas import Store, chunk_checksum
@@ -162,6 +162,8 @@ class Node:
         self.counters = NodeCounters()
         self.upload_slots = UploadSlots(config.upload_slots)
         self.upload_bucket = TokenBucket(config.upload_rate, config.upload_burst)
+        rate = config.download_rate
+        self.download_bucket = TokenBucket(rate, max(rate or 0, RECEIVE_SIZE))
         self._self_addresses: set[tuple[str, int]] = set()
         self._nursery: trio.Nursery | None = None
 
@@ -195,7 +197,8 @@ class Node:
         """Bring the blobs into the store: peers first, the origin last."""
         await fetch_blobs(self.store, self.origin, ref, descriptors, progress,
                           self.config.chunk_size, node_id=self.node_id, messenger=self,
-                          swarm_config=self.swarm_config, rng=self.rng)
+                          swarm_config=self.swarm_config, rng=self.rng,
+                          download_bucket=self.download_bucket)
 
     async def _tick(self) -> None:
         while True:
@@ -336,6 +339,7 @@ class Node:
             if idle.cancelled_caught:
                 raise ProtocolError(f"silent for {self.config.peer_timeout:.0f} s")
             link.bytes_in += len(data)
+            await throttle(self.download_bucket, len(data))
             link.conn.receive_data(data)
             while (event := link.conn.next_event()) is not NEED_DATA:
                 if not await self._dispatch(link, event):
@@ -429,9 +433,7 @@ class Node:
             link.send(Reject(blob, index, "missing"))
             return
         data, checksum = chunk
-        delay = self.upload_bucket.reserve(len(data), trio.current_time())
-        if delay > 0:
-            await trio.sleep(delay)
+        await throttle(self.upload_bucket, len(data))
         await link.write(link.conn.send_piece(blob, index, checksum, data))
         self.counters.bytes_to_peers += len(data)
 
