@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if mismatched:
         print(f"MISMATCH in {', '.join(mismatched)}")
         return 1
-    print(f"every node's files match the source byte for byte")
+    print("every node's files match the source byte for byte")
     return 0
 
 
