@@ -25,25 +25,37 @@ def cli(*args, env, timeout=60):
                           capture_output=True, timeout=timeout)
 
 
-@pytest.fixture
-def daemon(tmp_path):
+def start_daemon(data_dir, **settings):
+    """A daemon process on loopback; returns (process, env). The caller kills it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("P2PULL_")}
-    metrics_port = free_port()
-    env.update(P2PULL_DATA_DIR=str(tmp_path / "store"), P2PULL_LISTEN=f"127.0.0.1:{free_port()}",
-               P2PULL_DISCOVERY="static", P2PULL_METRICS_LISTEN=f"127.0.0.1:{metrics_port}")
+    env.update({"P2PULL_DATA_DIR": str(data_dir), "P2PULL_LISTEN": f"127.0.0.1:{free_port()}",
+                "P2PULL_DISCOVERY": "static", **settings})
     process = subprocess.Popen([sys.executable, "-m", "p2pull", "daemon"], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while cli("status", "--json", env=env).returncode != 0:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"the daemon did not start: {process.communicate()[1]}")
+        time.sleep(0.1)
+    return process, env
+
+
+def stop(process):
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    metrics_port = free_port()
+    process, env = start_daemon(tmp_path / "store",
+                                P2PULL_METRICS_LISTEN=f"127.0.0.1:{metrics_port}")
     try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while cli("status", "--json", env=env).returncode != 0:
-            assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline, "the daemon did not start"
-            time.sleep(0.1)
         yield process, env, metrics_port
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def test_get_through_the_daemon_reports_status_and_metrics(daemon, tmp_path):
@@ -93,3 +105,33 @@ def test_status_without_a_daemon_says_how_to_start_one(tmp_path):
     answer = cli("status", env=env)
     assert answer.returncode == 2
     assert "start one with `p2pull daemon`" in answer.stderr
+
+
+def test_daemons_find_each_other_by_mdns_and_share_a_pull(tmp_path):
+    cluster = f"mdns-test-{os.getpid()}-{time.monotonic_ns()}"
+    daemons = []
+    try:
+        for n in range(2):
+            daemons.append(start_daemon(tmp_path / f"node{n}", P2PULL_DISCOVERY="mdns",
+                                        P2PULL_CLUSTER=cluster))
+        deadline = time.monotonic() + 10
+        for _, env in daemons:
+            while len(json.loads(cli("peers", "--json", env=env).stdout)) != 1:
+                assert time.monotonic() < deadline, "mDNS did not find the other daemon"
+                time.sleep(0.2)
+        files = {"w.bin": os.urandom(8 * 1024 * 1024)}
+        make_oci_layout(tmp_path / "layout", files, tag="v1")
+        with LayoutOrigin(tmp_path / "layout") as origin:
+            pulls = [subprocess.Popen([sys.executable, "-m", "p2pull", "get",
+                                       f"{origin.host}/m:v1", "-o", str(tmp_path / f"out{n}"),
+                                       "--json"], env=env, stdout=subprocess.PIPE, text=True)
+                     for n, (_, env) in enumerate(daemons)]
+            results = [json.loads(pull.communicate(timeout=60)[0]) for pull in pulls]
+            served = origin.bytes_served
+        for n in range(2):
+            assert (tmp_path / f"out{n}/w.bin").read_bytes() == files["w.bin"]
+        assert served <= 1.1 * results[0]["bytes"] + 64 * 1024
+        assert sum(result["from_peers"] for result in results) > 0
+    finally:
+        for process, _ in daemons:
+            stop(process)

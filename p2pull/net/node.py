@@ -15,7 +15,8 @@ import math
 import os
 import random
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -26,6 +27,7 @@ from p2pull.core.chunks import ChunkPlan
 from p2pull.core.ratelimit import TokenBucket, UploadSlots
 from p2pull.core.refs import Ref
 from p2pull.core.swarm import PeerHave, PeerJoined, PeerLeft, PieceFailed, SwarmConfig, Tick
+from p2pull.discovery import PeerGone, run_discovery
 from p2pull.errors import ProtocolError, UsageError
 from p2pull.net.fetch import MAX_ORIGIN_CHUNKS, BlobSession, Progress, fetch_blobs, throttle
 from p2pull.origin.client import OriginClient
@@ -165,6 +167,8 @@ class Node:
         rate = config.download_rate
         self.download_bucket = TokenBucket(rate, max(rate or 0, RECEIVE_SIZE))
         self._self_addresses: set[tuple[str, int]] = set()
+        self._dialing: set[tuple[str, int]] = set()  # addresses with a _keep_connected task
+        self._gone: set[tuple[str, int]] = set()  # addresses discovery reported gone
         self._nursery: trio.Nursery | None = None
 
     # -- services -----------------------------------------------------------------------------
@@ -178,8 +182,12 @@ class Node:
                 listeners = await trio.open_tcp_listeners(port, host=host)
                 self.listen_port = listeners[0].socket.getsockname()[1]
                 nursery.start_soon(trio.serve_listeners, self._accept, listeners)
-            for address in self.config.peers:
-                nursery.start_soon(self._keep_connected, parse_address(address))
+            found_send, found_receive = trio.open_memory_channel(math.inf)
+            # mDNS announces our listening port: a node that does not listen uses the rest
+            methods = tuple(m for m in self.config.discovery if listen or m != "mdns")
+            await nursery.start(partial(run_discovery, replace(self.config, discovery=methods),
+                                        self.node_id, self.listen_port, found_send))
+            nursery.start_soon(self._follow_discovery, found_receive)
             nursery.start_soon(self._tick)
             task_status.started()
 
@@ -213,9 +221,29 @@ class Node:
         host = stream.socket.getpeername()[0]
         await self._run_link(stream, host, outbound=False)
 
+    async def _follow_discovery(self, found: trio.MemoryReceiveChannel) -> None:
+        """Dial what discovery finds; stop redialing what it reports gone (a link that is
+        up stays up: its own keepalive decides)."""
+        async for event in found:
+            address = (event.host, event.port)
+            if isinstance(event, PeerGone):
+                self._gone.add(address)
+            elif address not in self._dialing:
+                self._gone.discard(address)
+                self._dialing.add(address)
+                self._nursery.start_soon(self._keep_connected, address)
+            else:
+                self._gone.discard(address)
+
     async def _keep_connected(self, address: tuple[str, int]) -> None:
+        try:
+            await self._redial(address)
+        finally:
+            self._dialing.discard(address)
+
+    async def _redial(self, address: tuple[str, int]) -> None:
         failures = 0
-        while address not in self._self_addresses:
+        while address not in self._self_addresses and address not in self._gone:
             if not any((link.host, link.listen_port) == address for link in
                        self.links.values()):
                 try:
