@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                                        "local API")
     status = commands.add_parser("status", help="what the local daemon is doing")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--cluster", action="store_true",
+                        help="what every node of the cluster holds and fetches")
+    preload = commands.add_parser("preload", help="have every node of the cluster fetch a ref")
+    preload.add_argument("ref")
+    preload.add_argument("--timeout", type=float, default=3600,
+                         help="seconds to wait for the whole cluster (default 3600)")
+    preload.add_argument("--no-wait", action="store_true", help="ask, and return at once")
     peers = commands.add_parser("peers", help="the local daemon's peers")
     peers.add_argument("--json", action="store_true")
 
@@ -160,6 +167,13 @@ def _daemon(args, config, console: Console) -> int:
 
 
 def _status(args, config, console: Console) -> int:
+    if args.cluster:
+        reports = trio.run(client.daemon_request, config, "/cluster")
+        if args.json:
+            print(json.dumps(reports))
+        else:
+            _print_cluster(reports)
+        return 0
     status = trio.run(client.daemon_request, config, "/status")
     if args.json:
         print(json.dumps(status))
@@ -173,6 +187,45 @@ def _status(args, config, console: Console) -> int:
         print(f"  {session['blob'][:19]}  {session['state']:9} "
               f"{_mib(session['held']):>12} / {_mib(session['size'])}")
     return 0
+
+
+def _print_cluster(reports: list[dict], ref: str | None = None) -> None:
+    for report in reports:
+        fetching = sum(s["held"] for s in report["sessions"])
+        total = sum(s["size"] for s in report["sessions"])
+        state = f"fetching {_mib(fetching)} / {_mib(total)}" if report["sessions"] else "idle"
+        if ref is not None:
+            state = "holds it" if _holds(report, ref) else state
+        print(f"{report['node_id']}  {state:32} refs: {len(report['refs'])}")
+        if ref is None:
+            for held in report["refs"]:
+                print(f"    {held}")
+
+
+def _holds(report: dict, ref: str) -> bool:
+    return any(held == ref or held.endswith("/" + ref) for held in report["refs"])
+
+
+def _preload(args, config, console: Console) -> int:
+    from p2pull.core.refs import parse_ref
+    ref = str(parse_ref(args.ref, config.default_registry))
+    asked = trio.run(client.daemon_request, config, "/preload", {"ref": ref})
+    console.print(f"asked {asked['peers_asked']} peers and this node to fetch {ref}")
+    if args.no_wait:
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while True:
+        reports = trio.run(client.daemon_request, config, "/cluster")
+        done = sum(_holds(report, ref) for report in reports)
+        console.print(f"{done}/{len(reports)} nodes hold {ref}", highlight=False)
+        if done == len(reports):
+            _print_cluster(reports, ref)
+            return 0
+        if time.monotonic() > deadline:
+            _print_cluster(reports, ref)
+            raise P2pullError(f"only {done} of {len(reports)} nodes hold {ref} after "
+                              f"{args.timeout:.0f} s; see `p2pull status --cluster`")
+        time.sleep(1.0)
 
 
 def _peers(args, config, console: Console) -> int:
@@ -214,7 +267,7 @@ def _mib(nbytes: float) -> str:
 
 
 _COMMANDS = {"get": _get, "push": _push, "ls": _ls, "rm": _rm, "gc": _gc,
-             "daemon": _daemon, "status": _status, "peers": _peers}
+             "daemon": _daemon, "status": _status, "peers": _peers, "preload": _preload}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -143,15 +143,22 @@ async def daemon_running(config: Config) -> bool:
         return False
 
 
-async def daemon_request(config: Config, path: str):
-    """GET ``path`` of the daemon's API; UsageError when no daemon answers."""
+async def daemon_request(config: Config, path: str, body: dict | None = None):
+    """GET ``path`` of the daemon's API (POST ``body`` if given); UsageError when no daemon
+    answers, the daemon's error as its own class."""
     try:
         async with _api_client(config) as api:
-            response = await api.get(path)
+            if body is None:
+                response = await api.get(path)
+            else:
+                response = await api.post(path, json=body)
     except httpx.HTTPError as exc:
         raise UsageError(f"no p2pull daemon answers on {config.socket}: start one with "
                          "`p2pull daemon`") from exc
-    return response.json()
+    answer = response.json()
+    if response.status_code != 200:
+        raise _error_from_daemon(answer.get("error", {}))
+    return answer
 
 
 async def _get_via_daemon(config: Config, ref: str, output, platform, force, format,

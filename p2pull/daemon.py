@@ -16,8 +16,9 @@ import trio
 
 from p2pull import client
 from p2pull.config import Config
+from p2pull.core.refs import parse_ref
 from p2pull.errors import P2pullError, first_error
-from p2pull.net.api import open_unix_listener, serve_api
+from p2pull.net.api import ApiError, open_unix_listener, serve_api
 from p2pull.net.fetch import Progress
 from p2pull.net.metrics import serve_metrics
 from p2pull.net.node import Node
@@ -37,6 +38,7 @@ async def run_daemon(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) ->
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
             api = _Api(node, nursery)
+            node.on_preload = api.start_preload
             listener = await open_unix_listener(config.socket)
             await nursery.start(serve_api, listener, api.json_routes(), api.stream_routes())
             metrics = serve_metrics(node, config.metrics_listen) if config.metrics_listen \
@@ -66,10 +68,12 @@ class _Api:
     def __init__(self, node: Node, nursery: trio.Nursery):
         self.node = node
         self.nursery = nursery
+        self._preloading: set[str] = set()
 
     def json_routes(self):
         return {("GET", "/status"): self.status, ("GET", "/peers"): self.peers,
-                ("GET", "/ls"): self.ls}
+                ("GET", "/ls"): self.ls, ("GET", "/cluster"): self.cluster,
+                ("POST", "/preload"): self.preload}
 
     def stream_routes(self):
         return {("POST", "/get"): self.get}
@@ -82,6 +86,33 @@ class _Api:
 
     async def ls(self, _payload) -> list:
         return [record.__dict__ for record in self.node.store.refs()]
+
+    async def cluster(self, _payload) -> list:
+        return await self.node.cluster_report()
+
+    async def preload(self, payload: dict) -> dict:
+        ref = payload.get("ref")
+        if not isinstance(ref, str):
+            raise ApiError(400, "a preload needs a ref")
+        parse_ref(ref, self.node.config.default_registry)  # a bad ref fails here, not later
+        return {"peers_asked": self.node.preload_cluster(ref)}
+
+    def start_preload(self, ref: str) -> None:
+        """Fetch ``ref`` in the background, once at a time per ref; errors are logged."""
+        if ref in self._preloading:
+            return
+        self._preloading.add(ref)
+
+        async def work() -> None:
+            try:
+                await client.get_with_node(self.node, ref)
+                log.info("preloaded %s", ref)
+            except P2pullError as exc:
+                log.warning("preload of %s failed: %s", ref, exc)
+            finally:
+                self._preloading.discard(ref)
+
+        self.nursery.start_soon(work)
 
     async def get(self, payload: dict):
         """Run a get in the daemon's nursery (it finishes even if the caller goes away)

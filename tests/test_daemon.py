@@ -135,3 +135,35 @@ def test_daemons_find_each_other_by_mdns_and_share_a_pull(tmp_path):
     finally:
         for process, _ in daemons:
             stop(process)
+
+
+def test_preload_warms_every_node_and_status_cluster_shows_it(tmp_path):
+    ports = [free_port() for _ in range(3)]
+    daemons = []
+    try:
+        for n, port in enumerate(ports):
+            peers = ",".join(f"127.0.0.1:{p}" for p in ports if p != port)
+            daemons.append(start_daemon(tmp_path / f"node{n}", P2PULL_PEERS=peers,
+                                        P2PULL_LISTEN=f"127.0.0.1:{port}"))
+        deadline = time.monotonic() + 15
+        for _, env in daemons:
+            while len(json.loads(cli("peers", "--json", env=env).stdout)) != 2:
+                assert time.monotonic() < deadline, "the daemons did not connect"
+                time.sleep(0.2)
+        files = {"w.bin": os.urandom(6 * 1024 * 1024)}
+        make_oci_layout(tmp_path / "layout", files, tag="v1")
+        with LayoutOrigin(tmp_path / "layout") as origin:
+            ref = f"{origin.host}/m:v1"
+            preload = cli("preload", ref, "--timeout", "60", env=daemons[0][1], timeout=90)
+            served = origin.bytes_served
+        assert preload.returncode == 0, preload.stderr
+        assert "3/3 nodes hold" in preload.stderr
+        assert served <= 1.1 * len(files["w.bin"]) + 64 * 1024  # once for the cluster
+        reports = json.loads(cli("status", "--cluster", "--json", env=daemons[2][1]).stdout)
+        assert len(reports) == 3
+        assert all(report["refs"] == [ref] for report in reports)
+        bad = cli("preload", "Not A Ref", env=daemons[0][1])
+        assert bad.returncode == 2
+    finally:
+        for process, _ in daemons:
+            stop(process)

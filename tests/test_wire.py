@@ -26,6 +26,9 @@ from p2pull.wire import (
     ConnectionClosed,
     FrameDecoder,
     Goodbye,
+    Preload,
+    StatusQuery,
+    StatusReply,
     Have,
     Hello,
     Interest,
@@ -126,6 +129,9 @@ SESSION_MESSAGES = {
     "ping": st.builds(Ping, nonces),
     "pong": st.builds(Pong, nonces),
     "goodbye": st.builds(Goodbye, st.text(max_size=200)),
+    "preload": st.builds(Preload, st.text(max_size=200)),
+    "status-query": st.builds(StatusQuery, nonces),
+    "status-reply": st.builds(StatusReply, nonces, st.binary(max_size=3000)),
 }
 node_ids = st.binary(min_size=16, max_size=16).map(bytes.hex)
 ALL_MESSAGES = SESSION_MESSAGES | {
@@ -662,3 +668,9 @@ def test_mutated_frames_only_raise_protocol_errors_in_the_codec(message, flips):
             pass
     except ProtocolError:
         pass
+
+
+def test_status_reply_larger_than_the_limit_is_refused():
+    from p2pull.wire.messages import MAX_REPORT
+    with pytest.raises(LocalProtocolError, match="exceeds"):
+        StatusReply(1, b"x" * (MAX_REPORT + 1))

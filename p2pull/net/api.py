@@ -24,6 +24,8 @@ from typing import AsyncIterator, Awaitable, Callable, Mapping
 import h11
 import trio
 
+from p2pull.errors import P2pullError
+
 log = logging.getLogger("p2pull.api")
 
 #: a request body larger than this is refused: the API takes small JSON documents
@@ -94,8 +96,14 @@ async def _serve_connection(stream, json_routes, stream_routes) -> None:
                 raise ApiError(404, f"no route {key[0]} {key[1]}")
         except ApiError as exc:
             await _send_json(stream, conn, exc.status, {"error": {"message": str(exc)}})
+        except P2pullError as exc:
+            await _send_json(stream, conn, 400, {"error": {
+                "message": str(exc), "exit_code": exc.exit_code, "type": type(exc).__name__}})
         except ValueError as exc:
             await _send_json(stream, conn, 400, {"error": {"message": f"bad JSON: {exc}"}})
+        except Exception as exc:  # a bug in a handler must not take the daemon down
+            log.exception("API handler for %s %s failed", *key)
+            await _send_json(stream, conn, 500, {"error": {"message": f"internal error: {exc!r}"}})
         if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
             return
         conn.start_next_cycle()

@@ -10,6 +10,7 @@ made them and register here while they run, so links can feed them events.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import math
 import os
@@ -18,6 +19,7 @@ import secrets
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import trio
 
@@ -34,8 +36,9 @@ from p2pull.origin.client import OriginClient
 from p2pull.origin.manifest import Descriptor
 from p2pull.store.cas import Store, chunk_checksum
 from p2pull.wire import (NEED_DATA, Bitmap as BitmapMessage, Cancel, ConnectionClosed, Goodbye,
-                         Have, Interest, PeerConnection, PeerVerified, Piece, Ping, Pong, Reject,
-                         Request)
+                         Have, Interest, PeerConnection, PeerVerified, Piece, Ping, Pong, Preload,
+                         Reject, Request, StatusQuery, StatusReply)
+from p2pull.wire.messages import MAX_REPORT
 
 log = logging.getLogger("p2pull.node")
 
@@ -53,6 +56,8 @@ RECONNECT_DELAYS = (0.5, 1, 2, 5, 10, 30)
 #: how long a new blob session waits for the bitmaps of connected peers (a round trip on
 #: a LAN) before the swarm decides who fetches what from the origin
 BITMAP_WAIT = 1.0
+#: how long ``status --cluster`` waits for the peers' reports
+CLUSTER_QUERY_SECONDS = 2.0
 DEFAULT_SECRET_PREFIX = b"p2pull default cluster secret: "
 
 
@@ -166,6 +171,9 @@ class Node:
         self.upload_bucket = TokenBucket(config.upload_rate, config.upload_burst)
         rate = config.download_rate
         self.download_bucket = TokenBucket(rate, max(rate or 0, RECEIVE_SIZE))
+        #: called with a ref a peer (or we) asked the cluster to preload; the daemon sets it
+        self.on_preload: Callable[[str], None] = lambda ref: None
+        self._status_queries: dict[int, dict[str, dict]] = {}
         self._self_addresses: set[tuple[str, int]] = set()
         self._dialing: set[tuple[str, int]] = set()  # addresses with a _keep_connected task
         self._gone: set[tuple[str, int]] = set()  # addresses discovery reported gone
@@ -412,6 +420,19 @@ class Node:
                 session.apply(PieceFailed(peer, event.index, reason))
         elif isinstance(event, Ping):
             link.send(Pong(event.nonce))
+        elif isinstance(event, Preload):
+            log.info("peer %s asks us to preload %s", peer, event.ref)
+            self.on_preload(event.ref)
+        elif isinstance(event, StatusQuery):
+            report = json.dumps(self.report()).encode()
+            link.send(StatusReply(event.nonce, report[:MAX_REPORT]))
+        elif isinstance(event, StatusReply):
+            pending = self._status_queries.get(event.nonce)
+            if pending is not None:
+                try:
+                    pending[peer] = json.loads(event.report)
+                except ValueError:
+                    raise ProtocolError("a status reply that is not JSON") from None
         elif isinstance(event, (Goodbye, ConnectionClosed)):
             return False
         return True
@@ -548,3 +569,33 @@ class Node:
 
     def peers(self) -> list[dict]:
         return [link.describe() for link in self.links.values()]
+
+    def report(self) -> dict:
+        """What this node holds and fetches, for ``status --cluster``."""
+        return {"node_id": self.node_id, "refs": [record.ref for record in self.store.refs()],
+                "sessions": [{"blob": digest, "size": s.descriptor.size, "held": s.progress.held,
+                              "state": s.progress.state} for digest, s in self.sessions.items()]}
+
+    async def cluster_report(self, timeout: float = CLUSTER_QUERY_SECONDS) -> list[dict]:
+        """Our report and those of the peers that answer within ``timeout``."""
+        nonce = self.rng.getrandbits(32)
+        replies: dict[str, dict] = {}
+        self._status_queries[nonce] = replies
+        try:
+            asked = set(self.links)
+            for link in list(self.links.values()):
+                link.send(StatusQuery(nonce))
+            with trio.move_on_after(timeout):
+                while not asked <= set(replies) | (asked - set(self.links)):
+                    await trio.sleep(0.02)
+        finally:
+            del self._status_queries[nonce]
+        return [self.report(), *replies.values()]
+
+    def preload_cluster(self, ref: str) -> int:
+        """Ask every connected peer to fetch ``ref``, and fetch it here; returns the number
+        of peers asked."""
+        for link in list(self.links.values()):
+            link.send(Preload(ref))
+        self.on_preload(ref)
+        return len(self.links)

@@ -37,14 +37,18 @@ from p2pull.wire.messages import (
     Piece,
     Ping,
     Pong,
+    Preload,
     Reject,
     Request,
+    StatusQuery,
+    StatusReply,
 )
 
 __all__ = [
     "PeerConnection", "State", "TRANSITIONS", "NEED_DATA", "proof",
     "Message", "Hello", "Auth", "Interest", "Bitmap", "Have", "Request", "Piece", "Reject",
-    "Cancel", "Ping", "Pong", "Goodbye", "MESSAGE_TYPES",
+    "Cancel", "Ping", "Pong", "Goodbye", "Preload", "StatusQuery", "StatusReply",
+    "MESSAGE_TYPES",
     "Event", "PeerVerified", "ConnectionClosed",
     "FrameDecoder", "encode", "encode_piece", "decode_header",
     "MAX_FRAME", "MAX_HEADER", "MAX_PAYLOAD", "MAX_CHUNKS_PER_BLOB", "CHALLENGE_SIZE",

@@ -54,8 +54,11 @@ from p2pull.wire.messages import (
     Piece,
     Ping,
     Pong,
+    Preload,
     Reject,
     Request,
+    StatusQuery,
+    StatusReply,
 )
 
 #: the context string of the handshake's HMAC, so a proof means nothing to any other use of
@@ -76,8 +79,8 @@ US, THEM = "us", "them"
 IDLE, HELLO, AUTH, OPEN, CLOSED, ERROR = State
 
 #: the messages of an established connection
-_SESSION = dict.fromkeys((Interest, Bitmap, Have, Request, Piece, Reject, Cancel, Ping, Pong),
-                         OPEN)
+_SESSION = dict.fromkeys((Interest, Bitmap, Have, Request, Piece, Reject, Cancel, Ping, Pong,
+                          Preload, StatusQuery, StatusReply), OPEN)
 
 #: The whole protocol: [role][its state][message it sends, or event] -> its next state.
 #: A missing entry is a protocol error (Local for US, Remote for THEM).

@@ -26,6 +26,9 @@ MAX_CHUNKS_PER_BLOB = 2**20
 MAX_PAYLOAD = 64 * 1024 * 1024
 #: the longest text field in UTF-8 bytes: a Goodbye reason; a digest is 71, a cluster 64
 MAX_TEXT = 1024
+#: a status report lists refs and blobs: a node holding hundreds of refs fits; it travels
+#: as bin, so the unpacker's bin limit (a Bitmap's 128 KiB) bounds it as well
+MAX_REPORT = 128 * 1024
 #: a cluster name is a label people type and mDNS carries in a TXT record
 MAX_CLUSTER = 64
 #: Hello.challenge: 256 random bits, as many as the HMAC-SHA256 proof it is answered with
@@ -294,10 +297,49 @@ class Goodbye(Message):
         _check_text(self, "reason")
 
 
+@dataclass(frozen=True, slots=True)
+class Preload(Message):
+    """Fetch ``ref`` into your store: one node's ``p2pull preload`` warming the cluster."""
+
+    TYPE: ClassVar[str] = "preload"
+    ref: str
+
+    def __post_init__(self):
+        _check_text(self, "ref")
+
+
+@dataclass(frozen=True, slots=True)
+class StatusQuery(Message):
+    """What do you hold and fetch? Answer with a StatusReply of the same nonce."""
+
+    TYPE: ClassVar[str] = "status-query"
+    nonce: int
+
+    def __post_init__(self):
+        _check_int(self, "nonce", 0, MAX_NONCE)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply(Message):
+    """``report``: UTF-8 JSON of the refs held and the blobs being fetched, for
+    ``p2pull status --cluster``; at most MAX_REPORT bytes."""
+
+    TYPE: ClassVar[str] = "status-reply"
+    nonce: int
+    report: bytes
+
+    def __post_init__(self):
+        _check_int(self, "nonce", 0, MAX_NONCE)
+        if not isinstance(self.report, bytes):
+            raise _fail(self, "report", f"must be bytes, not {type(self.report).__name__}")
+        if len(self.report) > MAX_REPORT:
+            raise _fail(self, "report", f"of {len(self.report)} bytes exceeds {MAX_REPORT}")
+
+
 #: every message type by its wire name
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls for cls in (Hello, Auth, Interest, Bitmap, Have, Request, Piece, Reject,
-                              Cancel, Ping, Pong, Goodbye)
+                              Cancel, Ping, Pong, Goodbye, Preload, StatusQuery, StatusReply)
 }
 #: the header keys of each message type, in field order (a Piece's payload travels apart)
 HEADER_FIELDS: dict[type[Message], tuple[str, ...]] = {
@@ -328,7 +370,7 @@ class ConnectionClosed:
 #: what ``PeerConnection.next_event`` returns, besides NEED_DATA (Hello and Auth are taken
 #: by the handshake and show as PeerVerified)
 Event = (Interest | Bitmap | Have | Request | Piece | Reject | Cancel | Ping | Pong | Goodbye
-         | PeerVerified | ConnectionClosed)
+         | Preload | StatusQuery | StatusReply | PeerVerified | ConnectionClosed)
 
 
 def to_header(message: Message) -> dict[str, Any]:
