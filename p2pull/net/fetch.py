@@ -444,6 +444,7 @@ class _ChunkWriter:
             if self.position == length:
                 if not self.skipping:
                     await self._flush()
+                if not self.skipping:  # _flush may have found it held meanwhile
                     self.uncommitted -= length
                     self.session.committed_from_origin(self.index, self.checksum.digest())
                 self.index += 1
@@ -455,6 +456,14 @@ class _ChunkWriter:
 
     async def _flush(self) -> None:
         batch, self.pending = self.pending, []
+        if self.session.holds(self.index):
+            # a peer delivered this chunk while it streamed in (the endgame asks a peer for
+            # chunks the origin is sending): read past the rest of it, as for a chunk held
+            # at its start; the blob may even be published and its partial file closed
+            self.skipping = True
+            self.uncommitted -= self.position
+            self.session.progress.held -= self.position
+            return
         await trio.to_thread.run_sync(self.session.partial.write_many, self.index, self.written,
                                       batch)
         self.written = self.position
