@@ -122,6 +122,11 @@ ENV_SAMPLES = {
     "origin_max_connections": ("7", 7),
     "origin_attempts": ("2", 2),
     "origin_timeout": ("0.5", 0.5),
+    "upload_slots": ("3", 3),
+    "upload_rate": ("50MB", 50 * 10**6),
+    "upload_burst": ("1MiB", 2**20),
+    "download_rate": ("2MB", 2 * 10**6),
+    "peer_timeout": ("2.5", 2.5),
 }
 
 

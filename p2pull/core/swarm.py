@@ -114,6 +114,15 @@ class PeerLeft:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerAlive:
+    """``peer``'s connection delivered something (a message about any blob, a Pong): it is
+    alive even if it sent nothing about this blob for a while (busy fetching another blob's
+    chunks from the origin, say), so orphans it outranks us for keep waiting for it."""
+
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
 class PeerHave:
     """``peer`` now holds chunk ``index``. Ignored from a peer that has not joined (or has
     left): send ``PeerJoined`` first."""
@@ -171,8 +180,8 @@ class BlobCorrupt:
     peer_chunks: dict[int, str]
 
 
-Event = PeerJoined | PeerLeft | PeerHave | PieceVerified | PieceFailed | OriginFailed | \
-    Tick | Urgent | BlobCorrupt
+Event = PeerJoined | PeerLeft | PeerAlive | PeerHave | PieceVerified | PieceFailed | \
+    OriginFailed | Tick | Urgent | BlobCorrupt
 
 
 # -- actions --------------------------------------------------------------------------------
@@ -303,6 +312,11 @@ class BlobSwarm:
 
         Raises ProtocolError for a peer's event that does not fit the blob (a bitmap of the
         wrong size, a chunk index out of range), ValueError for a bad local event."""
+        if type(event) is PeerAlive:  # only its liveness changes: no actions
+            peer = self._peers.get(event.peer)
+            if peer is not None:
+                peer.heard = now
+            return []
         if type(event) is PeerHave:  # most events by far: the Have of a chunk we hold
             peer = self._peers.get(event.peer)
             index = event.index

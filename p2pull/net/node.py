@@ -28,7 +28,8 @@ from p2pull.core.bitmap import Bitmap
 from p2pull.core.chunks import ChunkPlan
 from p2pull.core.ratelimit import TokenBucket, UploadSlots
 from p2pull.core.refs import Ref
-from p2pull.core.swarm import PeerHave, PeerJoined, PeerLeft, PieceFailed, SwarmConfig, Tick
+from p2pull.core.swarm import (PeerAlive, PeerHave, PeerJoined, PeerLeft, PieceFailed,
+                               SwarmConfig, Tick)
 from p2pull.discovery import PeerGone, run_discovery
 from p2pull.errors import ProtocolError, UsageError
 from p2pull.net.fetch import MAX_ORIGIN_CHUNKS, BlobSession, Progress, fetch_blobs, throttle
@@ -48,6 +49,8 @@ RECEIVE_SIZE = 1024 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 #: a write that makes no progress for this long means the peer stopped reading
 SEND_TIMEOUT = 30.0
+#: a link's swarms are told its peer is alive at most this often (Node._heard_from)
+ALIVE_INTERVAL = 0.25
 #: swarms are ticked this often (request expiry, origin wait limits)
 TICK_INTERVAL = 0.2
 #: requests queued from one peer beyond this are answered busy
@@ -126,6 +129,8 @@ class PeerLink:
     requests: collections.deque = field(default_factory=collections.deque)
     bytes_in: int = 0
     bytes_out: int = 0
+    #: when the swarms were last told the peer is alive (``Node._heard_from``)
+    alive_at: float = -math.inf
 
     def __post_init__(self):
         self.outbox_send, self.outbox_receive = trio.open_memory_channel(math.inf)
@@ -356,7 +361,9 @@ class Node:
     # -- the link's tasks -------------------------------------------------------------------
 
     async def _keepalive(self, link: PeerLink) -> None:
-        interval = self.config.peer_timeout / 3
+        # often enough that the Pong shows a quiet peer alive before origin waits run out
+        interval = min(self.config.peer_timeout / 3,
+                       max(self.swarm_config.origin_wait_limit / 2, ALIVE_INTERVAL))
         while True:
             await trio.sleep(interval)
             link.send(Ping(self.rng.getrandbits(32)))
@@ -377,9 +384,24 @@ class Node:
             link.bytes_in += len(data)
             await throttle(self.download_bucket, len(data))
             link.conn.receive_data(data)
+            self._heard_from(link)
             while (event := link.conn.next_event()) is not NEED_DATA:
                 if not await self._dispatch(link, event):
                     return
+
+    def _heard_from(self, link: PeerLink) -> None:
+        """The link delivered bytes: tell the swarms it joined that the peer is alive, at
+        most every ALIVE_INTERVAL. A swarm hears of a peer only through its blob, and would
+        take a live peer busy with another blob for a dead one once origin_wait_limit ran
+        out, and fetch the chunks that peer is responsible for from the origin too."""
+        now = trio.current_time()
+        if now - link.alive_at < ALIVE_INTERVAL:
+            return
+        link.alive_at = now
+        for blob in link.joined:
+            session = self.sessions.get(blob)
+            if session is not None:
+                session.apply(PeerAlive(link.peer_id))
 
     async def _dispatch(self, link: PeerLink, event) -> bool:
         """Act on one event from a peer; False when the link should close."""
