@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -530,9 +531,11 @@ def make_torrent(model_dir: Path, target: Path, size: int) -> int:
     piece = 256 * 1024
     while piece < 4 * MIB and size / piece > 512:
         piece *= 2
-    storage = lt.file_storage()
-    lt.add_files(storage, str(model_dir))
-    torrent = lt.create_torrent(storage, piece, flags=lt.create_torrent.v1_only)
+    with warnings.catch_warnings():  # the file_storage API is deprecated in 2.x, not gone
+        warnings.simplefilter("ignore", DeprecationWarning)
+        storage = lt.file_storage()
+        lt.add_files(storage, str(model_dir))
+        torrent = lt.create_torrent(storage, piece, flags=lt.create_torrent.v1_only)
     torrent.set_creator("p2pull lab")
     lt.set_piece_hashes(torrent, str(model_dir.parent))
     target.write_bytes(lt.bencode(torrent.generate()))

@@ -392,24 +392,35 @@ class BlobSession:
 
     async def fetch_from_origin(self, first: int, count: int, pool: _OriginPool) -> None:
         """Fetch chunks ``first .. first+count-1`` with one HTTP Range request, write them as
-        they stream in, and commit each with the xxh3 of exactly the bytes written."""
+        they stream in, and commit each with the xxh3 of exactly the bytes written. Chunks
+        that peers delivered since the run was queued are not asked for, and the request
+        stops once the rest of its range is held."""
+        while count and self.holds(first):
+            first, count = first + 1, count - 1
+        while count and self.holds(first + count - 1):
+            count -= 1
+        if not count or self.partial is None or self.partial.bitmap.complete:
+            return
         writer = _ChunkWriter(self, first)
         start = self.plan.offset(first)
         last_offset, last_length = self.plan.span(first + count - 1)
+        end = first + count
 
-        async def sink(piece: memoryview) -> None:
-            await throttle(self.download_bucket, len(piece))
-            self.progress.from_origin += len(piece)
-            pool.on_bytes(len(piece))
-            await writer.feed(piece)
+        with trio.CancelScope() as rest_held:
+            async def sink(piece: memoryview) -> None:
+                await throttle(self.download_bucket, len(piece))
+                self.progress.from_origin += len(piece)
+                pool.on_bytes(len(piece))
+                await writer.feed(piece)
+                if writer.skipping and all(self.holds(i) for i in range(writer.index, end)):
+                    rest_held.cancel()
 
-        try:
-            await pool.origin.read_blob_range(self.ref, self.descriptor.digest, start,
-                                              last_offset + last_length - start, sink,
-                                              on_pushback=pool.on_pushback, host=self.host)
-        finally:
-            self.progress.held -= writer.uncommitted
-
+            try:
+                await pool.origin.read_blob_range(self.ref, self.descriptor.digest, start,
+                                                  last_offset + last_length - start, sink,
+                                                  on_pushback=pool.on_pushback, host=self.host)
+            finally:
+                self.progress.held -= writer.uncommitted
 
 
 class _ChunkWriter:
