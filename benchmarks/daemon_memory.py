@@ -48,7 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.far_origin import (MIB, SEED, WEIGHT_SHARES, BenchmarkError, GeneratedFile,
-                                   fmt_mib, interrupt_on_signals, size_arg, write_bytes_file)
+                                   add_output_arguments, fmt_mib, run_benchmark, size_arg,
+                                   write_bytes_file)
 from benchmarks.peer_throughput import (TAG, Daemon, print_load, serve_layout,
                                         verify_output, write_stamped_file)
 from p2pull.config import Config
@@ -202,29 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "from a peer.")
     parser.add_argument("--size", type=size_arg, default="4GiB",
                         help="model size, e.g. 4GiB (default)")
-    parser.add_argument("--json", type=Path, metavar="OUT", help="also write the results here")
-    parser.add_argument("--workdir", type=Path,
-                        help="parent of the temporary directory (default: $TMPDIR)")
-    parser.add_argument("--check", action="store_true",
-                        help="exit with status 3 if the goal fails (default: report only)")
+    add_output_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    interrupt_on_signals()
-    try:
-        report = benchmark(args)
-    except BenchmarkError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped and removed", file=sys.stderr)
-        return 130
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"results written to {args.json}")
-    return 3 if args.check and not report["goal_pass"] else 0
+    return run_benchmark(benchmark, args, lambda r: r["goal_pass"])
 
 
 def pull(name: str, puller: Daemon, role: str, others: list[tuple[Daemon, str]], ref: str,

@@ -433,6 +433,34 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """--json, --workdir and --check, the same in every benchmark."""
+    parser.add_argument("--json", type=Path, metavar="OUT", help="also write the results here")
+    parser.add_argument("--workdir", type=Path,
+                        help="parent of the temporary directory (default: $TMPDIR)")
+    parser.add_argument("--check", action="store_true",
+                        help="exit with status 3 if a goal fails (default: report only)")
+
+
+def run_benchmark(benchmark, args: argparse.Namespace, goals_met) -> int:
+    """Run ``benchmark(args)`` with the signal handling, error reporting and JSON output
+    every benchmark shares; exit status 1 on failure, 130 on interrupt, 3 when ``--check``
+    and ``goals_met(report)`` is false."""
+    interrupt_on_signals()
+    try:
+        report = benchmark(args)
+    except BenchmarkError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; everything started was stopped and removed", file=sys.stderr)
+        return 130
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"results written to {args.json}")
+    return 3 if args.check and not goals_met(report) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.far_origin",
@@ -446,11 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cap per TCP connection (4MB = 4*10^6 bytes/s)")
     parser.add_argument("--link-rate", type=parse_rate, default="32MB",
                         help="cap for all connections together (32MB); keep <= ~40MB")
-    parser.add_argument("--json", type=Path, metavar="OUT", help="also write the results here")
-    parser.add_argument("--workdir", type=Path,
-                        help="parent of the temporary directory (default: $TMPDIR)")
-    parser.add_argument("--check", action="store_true",
-                        help="exit with status 3 if a goal fails (default: report only)")
+    add_output_arguments(parser)
     return parser
 
 
@@ -458,20 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.rounds < 1:
         build_parser().error("--rounds must be at least 1")
-    interrupt_on_signals()
-    try:
-        report = benchmark(args)
-    except BenchmarkError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped and removed", file=sys.stderr)
-        return 130
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"results written to {args.json}")
-    goals_met = report["medians"]["goal_speedup"] and report["medians"]["goal_link_share"]
-    return 3 if args.check and not goals_met else 0
+    return run_benchmark(benchmark, args, lambda r: r["medians"]["goal_speedup"]
+                         and r["medians"]["goal_link_share"])
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import tempfile
 import time
@@ -30,8 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.far_origin import (MB, SEED, BenchmarkError, fmt_mib, interrupt_on_signals,
-                                   median, push_files, remove, run_p2pull_get, run_timed,
+from benchmarks.far_origin import (MB, SEED, BenchmarkError, add_output_arguments, fmt_mib,
+                                   median, run_benchmark, push_files, remove, run_p2pull_get, run_timed,
                                    sha256_file, size_arg, verify_tree, write_random_file)
 from tests.support.registry import start_registry
 
@@ -73,11 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=size_arg, default="512MiB",
                         help="blob size, e.g. 512MiB (default)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of both clients (5)")
-    parser.add_argument("--json", type=Path, metavar="OUT", help="also write the results here")
-    parser.add_argument("--workdir", type=Path,
-                        help="parent of the temporary directory (default: $TMPDIR)")
-    parser.add_argument("--check", action="store_true",
-                        help="exit with status 3 if the goal fails (default: report only)")
+    add_output_arguments(parser)
     return parser
 
 
@@ -86,19 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    interrupt_on_signals()
-    try:
-        report = benchmark(args)
-    except BenchmarkError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped and removed", file=sys.stderr)
-        return 130
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"results written to {args.json}")
-    return 3 if args.check and not report["medians"]["goal_ratio"] else 0
+    return run_benchmark(benchmark, args, lambda r: r["medians"]["goal_ratio"])
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:

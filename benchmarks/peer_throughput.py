@@ -70,9 +70,10 @@ from typing import Any
 
 import httpx
 
-from benchmarks.far_origin import (MB, MIB, SEED, BenchmarkError, GeneratedFile, clean_env,
-                                   fmt_mib, interrupt_on_signals, median, p2pull_command,
-                                   remove, sha256_file, size_arg)
+from benchmarks.far_origin import (MB, MIB, SEED, BenchmarkError, GeneratedFile,
+                                   add_output_arguments, clean_env, fmt_mib, median,
+                                   p2pull_command, remove, run_benchmark, sha256_file,
+                                   size_arg)
 from p2pull.config import Config
 from p2pull.core.chunks import ChunkPlan
 from p2pull.core.swarm import SwarmConfig
@@ -499,15 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "sendall()ed over and over (default; LAB-NOTES' baseline); "
                              "'file', A's blob file by 1 MiB readinto + sendall (the "
                              "work A does); 'sendfile', A's blob file by socket.sendfile")
-    parser.add_argument("--json", type=Path, metavar="OUT", help="also write the results here")
-    parser.add_argument("--workdir", type=Path,
-                        help="parent of the temporary directory (default: $TMPDIR)")
+    add_output_arguments(parser)
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="add one uncounted p2pull round profiled by py-spy into DIR")
     parser.add_argument("--py-spy", default=shutil.which("py-spy"), metavar="BIN",
                         help="the py-spy binary for --profile (default: on PATH)")
-    parser.add_argument("--check", action="store_true",
-                        help="exit with status 3 if the goal fails (default: report only)")
     return parser
 
 
@@ -518,19 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be at least 1")
     if args.profile and not args.py_spy:
         parser.error("--profile needs py-spy: put it on PATH or give --py-spy BIN")
-    interrupt_on_signals()
-    try:
-        report = benchmark(args)
-    except BenchmarkError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped and removed", file=sys.stderr)
-        return 130
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"results written to {args.json}")
-    return 3 if args.check and not report["medians"]["goal_ratio"] else 0
+    return run_benchmark(benchmark, args, lambda r: r["medians"]["goal_ratio"])
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
