@@ -17,7 +17,7 @@ from p2pull.core.chunks import ChunkPlan
 from p2pull.core.responsibility import responsible_node
 from p2pull.core.swarm import (
     AnnounceHave, BanPeer, BlobCorrupt, BlobSwarm, Completed, FetchFromOrigin, OriginFailed,
-    PeerHave, PeerJoined, PeerLeft, PieceFailed, PieceVerified, SendCancel, SendRequest,
+    PeerAlive, PeerHave, PeerJoined, PeerLeft, PieceFailed, PieceVerified, SendCancel, SendRequest,
     SwarmConfig, Tick, Urgent,
 )
 from p2pull.errors import ProtocolError
@@ -176,6 +176,28 @@ def test_a_live_responsible_node_is_waited_for():
     assert now > 5.0
     actions = s.handle(Tick(), now + 2.0)  # silence: now we fetch
     assert {a.index for a in of(actions, FetchFromOrigin)} == set(theirs)
+
+
+def test_a_live_responsible_node_that_makes_no_progress_is_not_waited_for_ever():
+    """A node that answers pings (PeerAlive) but never gets a chunk (its origin broken, or
+    it only claims interest) holds up its chunks for origin_stall_limit, not longer."""
+    nodes = ["me", "a"]
+    theirs = {i for i in range(40) if responsible_node(BLOB, i, nodes) == "a"}
+    s = swarm(40, max_origin_in_flight=100, origin_wait_limit=2.0, origin_stall_limit=10.0)
+    s.handle(PeerJoined("a", Bitmap(40)), 0.0)
+    fetched = {a.index for a in of(s.handle(Tick(), 0.0), FetchFromOrigin)}
+    now = 0.0
+    while now < 9.5:  # alive all along: waited for
+        now += 0.5
+        s.handle(PeerAlive("a"), now)
+        fetched |= {a.index for a in of(s.handle(Tick(), now), FetchFromOrigin)}
+        assert not fetched & theirs, now
+    for _ in range(2):
+        now += 0.5
+        s.handle(PeerAlive("a"), now)
+        fetched |= {a.index for a in of(s.handle(Tick(), now), FetchFromOrigin)}
+    assert theirs <= fetched  # no progress for 10 s: we fetch its chunks ourselves
+    assert fetched == set(range(40))
 
 
 def test_responsible_node_leaving_hands_its_chunks_over_at_once():
@@ -402,6 +424,43 @@ def test_blob_corrupt_refetches_peer_chunks_from_the_origin_only():
         BanPeer("a", "corrupt")]
 
 
+def test_pieces_are_accepted_only_when_asked_of_that_peer_and_not_forced():
+    s = swarm(10, max_origin_in_flight=10)
+    s.handle(PeerJoined("a", full(10)), 0.0)
+    asked = requests(s.handle(PeerJoined("b", full(10)), 0.0))
+    peer, index = asked[0]
+    other = "a" if peer == "b" else "b"
+    assert s.accepts_piece(peer, index)
+    assert not s.accepts_piece(other, index) or index in s.book.requests_of(other)
+    never_asked = next(i for i in range(10)
+                       if i not in s.book.requests_of("a") + s.book.requests_of("b"))
+    assert not s.accepts_piece("a", never_asked) and not s.accepts_piece("b", never_asked)
+    assert not s.accepts_piece(peer, 99)
+    s.handle(PieceVerified(peer, index, CHUNK), 0.1)
+    assert not s.accepts_piece(peer, index)  # held now
+    # after the blob's sha256 failed, its peer chunks come from the origin only, even
+    # from a peer asked for them before
+    t = swarm(4, held={0, 1, 2, 3})
+    t.handle(PeerJoined("a", full(4)), 0.0)
+    t.handle(BlobCorrupt({2: "a"}), 1.0)
+    assert not t.accepts_piece("a", 2)
+
+
+def test_a_peer_piece_frees_the_origin_slot_of_that_chunk():
+    s = swarm(6, max_origin_in_flight=2)  # alone: responsible for everything
+    fetching = [a.index for a in of(s.handle(Tick(), 0.0), FetchFromOrigin)]
+    assert len(fetching) == 2 and s.origin_in_flight == 2
+    # a peer turns up holding the first chunk the origin is sending, and sends it first
+    s.handle(PeerJoined("a", bits(6, {fetching[0]})), 0.1)
+    s.book.add("a", fetching[0], 0.1, CHUNK)  # as if asked in the endgame
+    actions = s.handle(PieceVerified("a", fetching[0], CHUNK), 0.2)
+    assert s.holds(fetching[0])
+    # the origin reports nothing more for it, and its slot goes to the next chunk
+    assert fetching[0] not in s.fetching_from_origin
+    assert len(of(actions, FetchFromOrigin)) == 1
+    assert s.origin_in_flight == 2
+
+
 def test_endgame_duplicates_and_cancels():
     s = swarm(10, pipeline_depth=4, endgame_duplicates=2)
     s.handle(PeerJoined("slow", full(10)), 0.0)
@@ -578,6 +637,9 @@ def test_invariants_under_random_events(stream, seed):
                 completed += 1
         if isinstance(event, BlobCorrupt):
             held -= set(event.peer_chunks)
+        # a chunk a peer delivered while the origin sent it is no longer the origin's: the
+        # driver reads past it and reports nothing more
+        origin = {index for index in origin if not s.holds(index)}
         # the swarm's book agrees with what it told us to send
         assert {(p, i) for p in PEERS for i in s.book.requests_of(p)} == outstanding
         for peer in PEERS:

@@ -246,9 +246,34 @@ def test_a_peer_whose_lies_pass_xxh3_is_found_by_sha256_and_banned(origin, clust
     # the liar's chunks passed xxh3 (none rejected) and were fetched again from the origin
     assert status["chunks_rejected"] == 0 and status["chunks_from_peers"] > 0, status
     assert origin_bytes >= MODEL_SIZE and summary["from_origin"] >= MODEL_SIZE, summary
+    # the liar's bytes were all replaced: none is counted as having come from a peer
+    assert summary["from_peers"] == 0, summary
     assert len(checked) >= 4 and all(checked.values()), checked
     assert "failed its sha256" in daemon.log_text()
     assert daemon.peer_ids() == set()
+
+
+def test_chunks_pushed_without_a_request_are_not_taken(origin, cluster, tmp_path):
+    """A peer that holds nothing (empty bitmap) yet sends every chunk of every blob, with
+    true bytes and correct xxh3: none is written, so no peer can fill a node's disk or
+    slip in chunks the swarm did not choose; the origin serves the model."""
+    (daemon,) = cluster.add(peers=[])
+    daemon.start()
+    with HostilePeer(daemon.port, cluster=CLUSTER, secret=cluster.secret) as pusher, \
+            Proxy(origin.host) as proxy:
+        pusher.contents = {"sha256:" + hashlib.sha256(data).hexdigest(): data
+                           for data in MODEL.values()}
+        pusher.handshake()
+        wait_until(lambda: daemon.peer_ids() == {pusher.node_id}, 10,
+                   "the daemon did not list the pushing peer")
+        pusher.serve_in_background("pushing")
+        summary = daemon.get(f"{proxy.host}/{REPOSITORY}", tmp_path / "out", GET_TIMEOUT)
+        origin_bytes = proxy.bytes_down
+    assert pusher.pieces_sent >= 3 * LAYER // (1024 * 1024), "the peer pushed nothing"
+    assert pusher.error is None, pusher.error
+    assert_same_files(tmp_path / "out", MODEL)
+    assert summary["from_peers"] == 0, summary
+    assert summary["from_origin"] >= MODEL_SIZE and origin_bytes >= MODEL_SIZE, summary
 
 
 def test_wrong_secret_garbage_oversize_and_stalled_peers_are_dropped(origin, cluster,

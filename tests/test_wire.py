@@ -422,6 +422,47 @@ def test_receive_data_copies_a_reused_buffer():
     assert receiver.next_event().payload == b"x" * 5000
 
 
+def test_payloads_can_be_received_straight_into_their_buffer():
+    """What a socket reader does: the header through receive_data, then payload_space()
+    for recv_into, in pieces, then payload_received; the piece's payload is that buffer."""
+    buffers = []
+
+    def allocate(size):
+        buffers.append(bytearray(size))
+        return buffers[-1]
+
+    pair = ConnectionPair(allocate=(None, allocate))
+    pair.handshake()
+    receiver = pair.conn["b"]
+    assert receiver.payload_space() is None  # no payload under way
+    frame = b"".join(pair.conn["a"].send_piece(BLOB, 3, CHECKSUM, b"0123456789" * 700))
+    payload_at = len(frame) - 7000
+    receiver.receive_data(frame[:payload_at + 10])  # the header and 10 payload bytes
+    assert receiver.next_event() is NEED_DATA
+    position = payload_at + 10
+    while (space := receiver.payload_space()) is not None:
+        count = min(len(space), 999)
+        space[:count] = frame[position:position + count]
+        receiver.payload_received(count)
+        position += count
+    assert position == len(frame)
+    piece = receiver.next_event()
+    assert piece.index == 3 and piece.payload == b"0123456789" * 700
+    assert piece.payload.obj is buffers[0]
+    assert receiver.payload_space() is None
+    with pytest.raises(ProtocolError, match="payload_received"):
+        receiver.payload_received(1)
+
+
+def test_payload_space_is_none_without_allocate():
+    pair = ConnectionPair()
+    pair.handshake()
+    frame = b"".join(pair.conn["a"].send_piece(BLOB, 3, CHECKSUM, b"x" * 5000))
+    pair.conn["b"].receive_data(frame[:100])
+    assert pair.conn["b"].next_event() is NEED_DATA
+    assert pair.conn["b"].payload_space() is None
+
+
 # -- malformed frames -----------------------------------------------------------------------
 
 

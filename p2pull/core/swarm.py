@@ -15,9 +15,10 @@ Contract with the driver
   not joined, or has left, is ignored) and ``PeerLeft`` when its connection is gone. A peer
   that stays connected but never answers only costs request timeouts (and a back-off); the
   chunks only it holds wait for it, so drop dead connections.
-- ``PieceVerified`` means the chunk passed its xxh3 and is committed: the swarm counts it
-  held (even unrequested, or after its request was cancelled). ``BlobCorrupt`` takes chunks
-  back; a peer's piece for one of those is then ignored: they come from the origin only.
+- Write a peer's piece only if ``accepts_piece`` says so (asked of that peer, still missing,
+  not forced to the origin). ``PieceVerified`` means the chunk passed its xxh3 and is
+  committed: the swarm counts it held. ``BlobCorrupt`` takes chunks back; they then come
+  from the origin only.
 
 How chunks are sourced
 - A chunk some live peer holds goes to a peer: whenever a peer has a free pipeline slot, it is
@@ -27,7 +28,8 @@ How chunks are sourced
   for it by rendezvous hashing over the interested live nodes (self and the peers that joined
   with an incomplete bitmap). Every other node waits: it fetches the chunk itself once it has
   needed it for ``origin_wait_limit`` and every node that outranks it for that chunk has been
-  silent for ``origin_wait_limit`` (no join, Have, piece or answer). So a dead first node costs
+  silent for ``origin_wait_limit`` (no join, Have, piece or answer) or has shown no progress
+  (no Have, no piece) for ``origin_stall_limit``. So a dead first node costs
   one wait and one extra fetch (by the second node), not one fetch per node, and a slow but
   live first node costs nothing. A Have from any peer ends the wait: the chunk goes to it.
 - At most ``max_origin_in_flight`` origin fetches at once; the rest queue (urgent first).
@@ -75,6 +77,10 @@ class SwarmConfig:
     #: needed it, and since it last heard from each node outranking it) before fetching the
     #: chunk from the origin itself; 0 turns origin deduplication off
     origin_wait_limit: float = 2.0
+    #: a node outranking us that stays alive but has shown no progress (no Have, no piece)
+    #: for this long is not waited for any more: its origin access may be broken, or it
+    #: only claims interest; waiting on liveness alone would wait for ever
+    origin_stall_limit: float = 10.0
     #: sources per chunk in the endgame (first request included); 1 turns the endgame off
     endgame_duplicates: int = 2
     #: origin fetches in flight at once from this swarm; the rest wait in a queue
@@ -92,7 +98,8 @@ class SwarmConfig:
                 self.max_origin_in_flight < 1:
             raise ValueError("pipeline_depth, endgame_duplicates and max_origin_in_flight "
                              "must be at least 1")
-        if min(self.request_timeout_min, self.origin_wait_limit, self.peer_backoff) < 0:
+        if min(self.request_timeout_min, self.origin_wait_limit, self.origin_stall_limit,
+               self.peer_backoff) < 0:
             raise ValueError("times must not be negative")
 
 
@@ -229,7 +236,8 @@ Action = SendRequest | SendCancel | FetchFromOrigin | AnnounceHave | BanPeer | C
 class _Peer:
     """A live, unbanned peer of this blob."""
 
-    __slots__ = ("name", "key", "bits", "requested", "heard", "member", "backoff_until")
+    __slots__ = ("name", "key", "bits", "requested", "heard", "progressed", "member",
+                 "backoff_until")
 
     def __init__(self, name: str, now: float):
         self.name = name
@@ -241,6 +249,8 @@ class _Peer:
         self.requested = 0
         #: last time it showed it is alive (joined, Have, piece, answer)
         self.heard = now
+        #: last time it showed progress (joined, a Have, a piece)
+        self.progressed = now
         #: joined incomplete: one of the nodes sharing origin fetches
         self.member = False
         #: no new requests before this time (busy, error, timeout)
@@ -323,7 +333,7 @@ class BlobSwarm:
             if peer is not None and 0 <= index < self._count:
                 bit = 1 << index
                 if not self._missing & bit:
-                    peer.heard = now
+                    peer.heard = peer.progressed = now
                     bits = peer.bits
                     if not bits & bit:
                         peer.bits = bits | bit
@@ -377,6 +387,17 @@ class BlobSwarm:
     @property
     def origin_in_flight(self) -> int:
         return self._origin_count
+
+    def accepts_piece(self, peer: str, index: int) -> bool:
+        """Whether a piece of ``index`` from ``peer`` may be written and then reported
+        verified: we still miss it, we asked that peer for it, and it is not a chunk that
+        must come from the origin (after BlobCorrupt). A peer cannot push chunks we did
+        not ask it for."""
+        if not 0 <= index < self._count:
+            return False
+        bit = 1 << index
+        return bool(self._missing & bit) and not self._forced & bit and \
+            self._book.has(peer, index)
 
     @property
     def fetching_from_origin(self) -> list[int]:
@@ -466,7 +487,7 @@ class BlobSwarm:
         peer = self._peers.get(name)
         if peer is None:  # not joined, or gone: a late Have must not bring it back
             return
-        peer.heard = self._now
+        peer.heard = peer.progressed = self._now
         bit = 1 << index
         bits = peer.bits
         if bits & bit:
@@ -498,7 +519,7 @@ class BlobSwarm:
         else:
             peer = self._peers.get(name)
             if peer is not None:
-                peer.heard = self._now
+                peer.heard = peer.progressed = self._now
                 if self._book.complete(name, index, event.nbytes, self._now) is not None and \
                         self._release(peer, index) and self._forced & bit:
                     self._queue_origin(index)
@@ -782,6 +803,12 @@ class BlobSwarm:
     def _hold(self, index: int) -> None:
         bit = 1 << index
         self._missing ^= bit
+        if self._origin & bit:
+            # a peer was faster than the origin: the driver reads past the rest of that
+            # range and reports nothing more for this chunk
+            self._origin ^= bit
+            self._origin_count -= 1
+            self._drop_source(index)
         self._rarity.unwant(index)
         self._not_orphan(index)
         self._forced &= ~bit
@@ -835,18 +862,20 @@ class BlobSwarm:
 
     def _check_orphan(self, index: int) -> None:
         """Fetch orphan ``index`` from the origin now, or wait for a live node outranking us
-        (rendezvous weight) until it has been silent for ``origin_wait_limit``."""
+        (rendezvous weight) until it has been silent for ``origin_wait_limit`` or without
+        progress for ``origin_stall_limit``."""
         now = self._now
         since = self._orphan_since.setdefault(index, now)
         limit = self.config.origin_wait_limit
+        stall = self.config.origin_stall_limit
         key = self._chunk_key(index)
         mine = xxh3_64_intdigest(self._self_key, key)
         me = self.node_id
         for name, peer in self._members.items():
             theirs = xxh3_64_intdigest(peer.key, key)
             if theirs > mine or (theirs == mine and name > me):
-                heard = peer.heard
-                until = (since if since > heard else heard) + limit
+                alive_until = min(peer.heard + limit, peer.progressed + stall)
+                until = max(since + limit, alive_until)
                 if until > now:
                     self._watch(index, name, until)
                     return

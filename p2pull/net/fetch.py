@@ -13,7 +13,7 @@ import collections
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import trio
 import xxhash
@@ -24,7 +24,7 @@ from p2pull.core.ratelimit import TokenBucket
 from p2pull.core.refs import Ref
 from p2pull.core.swarm import (AnnounceHave, BanPeer, BlobCorrupt, BlobSwarm, Completed,
                                FetchFromOrigin, PieceFailed, PieceVerified, SendCancel,
-                               SendRequest, SwarmConfig, Tick)
+                               SendRequest, SwarmConfig, Tick, Urgent)
 from p2pull.errors import IntegrityError, OriginError, first_error
 from p2pull.origin.client import OriginClient
 from p2pull.origin.manifest import Descriptor
@@ -45,6 +45,14 @@ INITIAL_ORIGIN_CONCURRENCY = 4
 #: chunks a swarm may have queued for the origin at once: all of them, in practice; the
 #: origin pool's adaptive concurrency is what limits the requests in flight
 MAX_ORIGIN_CHUNKS = 1 << 20
+#: peer pieces verified by xxh3 and waiting for (or in) their disk write, per node: a link's
+#: reader goes on receiving while earlier pieces are written, and stops when this many are
+#: pending (memory: this many chunks)
+PEER_WRITES_IN_FLIGHT = 2
+#: chunks just past the sha256's prefix that are marked urgent: the hash is a streaming
+#: reader too, and a blob whose chunks arrive in random order would otherwise be hashed
+#: only after its last chunk, one core busy for size / 1.5 GB/s at the end
+HASH_URGENT_AHEAD = 4
 #: the largest range asked in one request: a broken connection costs at most a resume, but
 #: a long request keeps a slow connection busy at the tail of a blob
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
@@ -219,7 +227,9 @@ class BlobSession:
                  chunk_size: int | None, *, node_id: str = "local",
                  messenger: PeerMessenger | None = None,
                  swarm_config: SwarmConfig | None = None, rng: random.Random | None = None,
-                 download_bucket: TokenBucket | None = None):
+                 download_bucket: TokenBucket | None = None,
+                 write_slots: trio.Semaphore | None = None,
+                 release_payload: Callable[[memoryview], None] = lambda payload: None):
         self.store = store
         self.ref = ref
         self.descriptor = descriptor
@@ -243,31 +253,50 @@ class BlobSession:
         self.ticking = False
         self._committed = trio.Event()
         self._integrity_failures = 0
+        #: bounds the peer pieces held in memory for their write, across the node's sessions
+        self._write_slots = write_slots or trio.Semaphore(PEER_WRITES_IN_FLIGHT)
+        #: gives a peer piece's buffer back once its bytes are written or dropped
+        self._release_payload = release_payload
+        #: owns the write tasks of peer pieces while the session runs
+        self._writes: trio.Nursery | None = None
+        #: chunks a peer's piece is being written for: a duplicate of one is dropped
+        self._peer_writes: set[int] = set()
+        #: disk writes in flight (peers' and the origin's): publish and close wait for none
+        self._writing = 0
+        self._writes_done = trio.Event()
 
     async def run(self, pool: _OriginPool) -> None:
         if await self._wait_for_lock():
             return
         self._pool = pool
         try:
-            self.progress.held = self.progress.reused = sum(
-                self.plan.length(i) for i in self.partial.bitmap.held())
-            self.swarm = BlobSwarm(self.digest, self.plan, self.node_id, self.partial.bitmap,
-                                   self.swarm_config, self.rng)
-            if not self.swarm.complete:
-                self.progress.state = "fetching"
-                await self._find_host(pool.origin)
-                self.messenger.session_started(self)
-                # who is responsible for what depends on who else wants the blob: hear
-                # from the peers before the first Tick sends anything to the origin
-                await self.messenger.wait_for_bitmaps(self)
-                self.ticking = True
-                self.apply(Tick())
-            while not await self._hash_and_publish():
-                pass
+            async with trio.open_nursery() as writes:
+                self._writes = writes
+                await self._fetch_and_publish(pool)
             self.progress.state = "done"
         finally:
+            self._writes = None
             self.messenger.session_ended(self)
+            with trio.CancelScope(shield=True):
+                await self._until_writes_done()
             self.partial.close()
+
+    async def _fetch_and_publish(self, pool: _OriginPool) -> None:
+        self.progress.held = self.progress.reused = sum(
+            self.plan.length(i) for i in self.partial.bitmap.held())
+        self.swarm = BlobSwarm(self.digest, self.plan, self.node_id, self.partial.bitmap,
+                               self.swarm_config, self.rng)
+        if not self.swarm.complete:
+            self.progress.state = "fetching"
+            await self._find_host(pool.origin)
+            self.messenger.session_started(self)
+            # who is responsible for what depends on who else wants the blob: hear
+            # from the peers before the first Tick sends anything to the origin
+            await self.messenger.wait_for_bitmaps(self)
+            self.ticking = True
+            self.apply(Tick())
+        while not await self._hash_and_publish():
+            pass
 
     # -- events in, actions out -------------------------------------------------------------
 
@@ -296,24 +325,66 @@ class BlobSession:
     def holds(self, index: int) -> bool:
         return self.partial is not None and index in self.partial.bitmap
 
+    def _wants_piece(self, peer: str, index: int) -> bool:
+        return self.swarm is not None and self._writes is not None and \
+            index not in self._peer_writes and self.swarm.accepts_piece(peer, index)
+
     async def piece_from_peer(self, peer: str, index: int, checksum: bytes, payload) -> None:
-        """A verified-length piece from ``peer``: check its xxh3, write, commit."""
-        if not 0 <= index < self.plan.count or len(payload) != self.plan.length(index):
-            self.apply(PieceFailed(peer, index, "corrupt"))
-            return
-        if chunk_checksum(payload) != checksum:
-            self.progress.rejected += 1
-            self.apply(PieceFailed(peer, index, "corrupt"))
-            return
-        if self.holds(index):
-            return  # a duplicate from the endgame
-        await trio.to_thread.run_sync(self.partial.write, index, 0, payload)
+        """A piece from ``peer``: check its length and xxh3, then hand it to a write task
+        (which commits it), waiting while PEER_WRITES_IN_FLIGHT pieces are pending. Pieces
+        we did not ask that peer for, duplicates and chunks held meanwhile are dropped.
+        The payload goes back to ``release_payload`` once written or dropped."""
+        handed_over = False
+        try:
+            if not 0 <= index < self.plan.count or len(payload) != self.plan.length(index):
+                self.apply(PieceFailed(peer, index, "corrupt"))
+                return
+            if not self._wants_piece(peer, index):
+                return
+            if chunk_checksum(payload) != checksum:
+                self.progress.rejected += 1
+                self.apply(PieceFailed(peer, index, "corrupt"))
+                return
+            await self._write_slots.acquire()
+            if not self._wants_piece(peer, index):  # held, or being written, meanwhile
+                self._write_slots.release()
+                return
+            self._peer_writes.add(index)
+            self._writes.start_soon(self._write_peer_piece, peer, index, checksum, payload)
+            handed_over = True
+        finally:
+            if not handed_over:
+                self._release_payload(payload)
+
+    async def _write_peer_piece(self, peer: str, index: int, checksum: bytes, payload) -> None:
+        try:
+            await self.write_in_thread(self.partial.write, index, 0, payload)
+        finally:
+            self._peer_writes.discard(index)
+            self._write_slots.release()
+            self._release_payload(payload)
         if self.partial.commit(index, checksum):
             self.chunk_sources[index] = peer
             self.progress.from_peers += len(payload)
             self.progress.held += len(payload)
             self._committed.set()
             self.apply(PieceVerified(peer, index, len(payload)))
+
+    async def write_in_thread(self, write, *args) -> None:
+        """Run ``write(*args)`` (a PartialBlob write) in a worker thread, counted, so that
+        the partial file is neither published nor closed under it."""
+        self._writing += 1
+        try:
+            await trio.to_thread.run_sync(write, *args)
+        finally:
+            self._writing -= 1
+            if not self._writing:
+                self._writes_done.set()
+
+    async def _until_writes_done(self) -> None:
+        while self._writing:
+            self._writes_done = trio.Event()
+            await self._writes_done.wait()
 
     def committed_from_origin(self, index: int, checksum: bytes) -> None:
         """Chunk ``index`` arrived from the origin and its bytes are written."""
@@ -354,12 +425,18 @@ class BlobSession:
         """Hash chunks as they land; when all are held, publish. False if chunks were found
         damaged or wrong and are being fetched again."""
         partial = self.partial
+        frontier = -1
         while True:
             self._committed = trio.Event()
             if await trio.to_thread.run_sync(partial.advance_hash):
                 break
+            if partial.hashed_chunks != frontier:
+                frontier = partial.hashed_chunks
+                ahead = range(frontier, min(frontier + HASH_URGENT_AHEAD, self.plan.count))
+                self.apply(Urgent(tuple(i for i in ahead if not self.holds(i))))
             await self._committed.wait()
         self.progress.state = "verifying"
+        await self._until_writes_done()
         try:
             await trio.to_thread.run_sync(partial.publish)
             return True
@@ -376,6 +453,8 @@ class BlobSession:
         damaged = await trio.to_thread.run_sync(partial.find_damaged_chunks)
         refetch = {index: "damaged" for index in damaged}
         for index, peer in self.chunk_sources.items():
+            # bytes counted from peers are counted again when the origin sends them
+            self.progress.from_peers -= self.plan.length(index)
             if index not in refetch and index in partial.checksums:
                 self._suspects[index] = (peer, partial.checksums[index])
                 refetch[index] = peer
@@ -475,8 +554,8 @@ class _ChunkWriter:
             self.uncommitted -= self.position
             self.session.progress.held -= self.position
             return
-        await trio.to_thread.run_sync(self.session.partial.write_many, self.index, self.written,
-                                      batch)
+        await self.session.write_in_thread(self.session.partial.write_many, self.index,
+                                           self.written, batch)
         self.written = self.position
 
 

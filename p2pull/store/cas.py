@@ -313,6 +313,11 @@ class PartialBlob:
     def complete(self) -> bool:
         return self.bitmap.complete
 
+    @property
+    def hashed_chunks(self) -> int:
+        """The chunks of the prefix the sha256 has been fed so far."""
+        return self._hashed_chunks
+
     def write(self, index: int, offset_in_chunk: int, data) -> None:
         """Put ``data`` at ``offset_in_chunk`` of chunk ``index`` (not yet held)."""
         offset, length = self.plan.span(index)

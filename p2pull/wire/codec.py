@@ -188,6 +188,22 @@ class FrameDecoder:
                     self._start = 0
                 self._buffer += view[taken:]
 
+    def payload_space(self) -> memoryview | None:
+        """Where the rest of the Piece payload now arriving may be received directly (the
+        unfilled part of the buffer from ``allocate``), saving ``receive_data``'s copy; None
+        when the next bytes must go through ``receive_data``. Report what was put there
+        with ``payload_received``."""
+        if self._into is None or self._filled >= self._size:
+            return None
+        return self._into[self._filled:]
+
+    def payload_received(self, count: int) -> None:
+        """``count`` bytes were written at the start of ``payload_space()``."""
+        if self._into is None or not 0 < count <= self._size - self._filled:
+            raise LocalProtocolError(f"payload_received({count}) with "
+                                     f"{self._size - self._filled} payload bytes expected")
+        self._filled += count
+
     def next_message(self) -> Message | ConnectionClosed | _NeedData:
         if self._piece is not None:
             if self._filled < self._size:

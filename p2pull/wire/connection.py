@@ -191,6 +191,17 @@ class PeerConnection:
         with self._failing():
             self._decoder.receive_data(data)
 
+    def payload_space(self) -> memoryview | None:
+        """Where the payload arriving now may be received directly, or None (see
+        FrameDecoder.payload_space); then ``payload_received(count)``."""
+        self._check_usable()
+        return self._decoder.payload_space()
+
+    def payload_received(self, count: int) -> None:
+        self._check_usable()
+        with self._failing():
+            self._decoder.payload_received(count)
+
     def next_event(self) -> Event | _NeedData:
         """The next event, or NEED_DATA. Raises RemoteProtocolError when the peer broke the
         protocol. Call ``data_to_send()`` after it: the handshake may have queued our Auth.

@@ -33,8 +33,8 @@ from p2pull.wire import (NEED_DATA, Bitmap as BitmapMessage, ConnectionClosed, I
 
 #: a socket read or write that waits longer than this fails the hostile peer
 IO_TIMEOUT = 10.0
-#: what a serving thread does for each Request
-MODES = ("bad-xxh3", "lying")
+#: what a serving thread does: lie in answer to each Request, or push chunks unasked
+MODES = ("bad-xxh3", "lying", "pushing")
 
 
 class HostilePeer:
@@ -55,6 +55,8 @@ class HostilePeer:
         self.interests: dict[str, Interest] = {}
         self.requests: list[tuple[str, int]] = []
         self.pieces_sent = 0
+        #: blob digest -> its true bytes, for the ``pushing`` mode
+        self.contents: dict[str, bytes] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -127,7 +129,9 @@ class HostilePeer:
         - ``bad-xxh3``: random bytes under a checksum that is not theirs (the per-chunk
           check catches it);
         - ``lying``: random bytes under their own, correct xxh3-128 (only the blob's
-          sha256 catches it).
+          sha256 catches it);
+        - ``pushing``: answer an Interest with an empty Bitmap, then send every chunk of
+          that blob (true bytes from ``contents``, correct xxh3) though none was asked for.
         """
         assert mode in MODES, mode
         self._thread = threading.Thread(target=self._serve, args=(mode,), daemon=True,
@@ -160,12 +164,23 @@ class HostilePeer:
     def _answer(self, event, mode: str) -> None:
         if isinstance(event, Interest):
             self.interests[event.blob] = event
-            count = ChunkPlan(event.size, event.chunk_size).count
+            plan = ChunkPlan(event.size, event.chunk_size)
+            claimed = Bitmap(plan.count) if mode == "pushing" else Bitmap.full(plan.count)
             self.sock.sendall(self.conn.send(
-                BitmapMessage(event.blob, Bitmap.full(count).to_bytes(), count)))
+                BitmapMessage(event.blob, claimed.to_bytes(), plan.count)))
+            content = self.contents.get(event.blob)
+            if mode == "pushing" and content is not None:
+                for index in range(plan.count):
+                    offset, length = plan.span(index)
+                    payload = content[offset:offset + length]
+                    for buffer in self.conn.send_piece(event.blob, index,
+                                                       xxhash.xxh3_128_digest(payload),
+                                                       payload):
+                        self.sock.sendall(buffer)
+                    self.pieces_sent += 1
         elif isinstance(event, Request):
             interest = self.interests.get(event.blob)
-            if interest is None:
+            if interest is None or mode == "pushing":
                 return
             self.requests.append((event.blob, event.index))
             length = ChunkPlan(interest.size, interest.chunk_size).length(event.index)
