@@ -96,6 +96,20 @@ def test_never_exceeds_cap():
         assert limits[-1] == cap
 
 
+def test_a_lower_cap_takes_effect_at_once_and_a_higher_one_is_grown_into():
+    origin = FarOrigin(ceiling=float("inf"))
+    policy = AdaptiveConcurrency(limit=4, cap=16)
+    origin.run(policy, seconds=30, step=0.05)
+    assert policy.limit == 16
+    policy.set_cap(2)  # seven more nodes share the origin now
+    assert policy.limit == 2 and policy.cap == 2
+    policy.set_cap(0)
+    assert policy.cap == policy.limit == 1  # never below the floor
+    policy.set_cap(8)
+    assert policy.limit == 1  # not retaken at once: measured again
+    assert max(origin.run(policy, seconds=30, step=0.05)) == 8
+
+
 def test_short_windows_do_not_count():
     policy = AdaptiveConcurrency(limit=4, cap=64)
     now = 0.0

@@ -52,6 +52,17 @@ class AdaptiveConcurrency:
             self._window_start, self._window_bytes = now, 0
         return self.limit
 
+    def set_cap(self, cap: int) -> None:
+        """Change the most requests allowed (the origin is shared with more or fewer
+        nodes). The rate measured so far was under other sharing: measure afresh."""
+        cap = max(self.floor, cap)
+        if cap != self.cap:
+            self.cap = cap
+            self.limit = min(self.limit, cap)
+            self.best_rate = 0.0
+            self._probe = True
+            self._window_start, self._window_bytes = None, 0
+
     def on_pushback(self, now: float) -> int:
         """The origin answered 429 or 503: back off, and measure afresh."""
         self.limit = max(self.floor, self.limit // 2)

@@ -388,6 +388,11 @@ class BlobSwarm:
     def origin_in_flight(self) -> int:
         return self._origin_count
 
+    @property
+    def member_count(self) -> int:
+        """Peers that joined wanting the blob: the nodes sharing the origin with us."""
+        return len(self._members)
+
     def accepts_piece(self, peer: str, index: int) -> bool:
         """Whether a piece of ``index`` from ``peer`` may be written and then reported
         verified: we still miss it, we asked that peer for it, and it is not a chunk that
