@@ -200,6 +200,25 @@ def test_a_live_responsible_node_that_makes_no_progress_is_not_waited_for_ever()
     assert fetched == set(range(40))
 
 
+def test_progress_on_another_blob_keeps_a_responsible_node_waited_for():
+    """A node busy with another blob's origin chunks sends Haves about that blob only: the
+    driver passes them on as PeerAlive(progressed=True), and the stall limit never runs
+    out; silence still does."""
+    nodes = ["me", "a"]
+    theirs = {i for i in range(40) if responsible_node(BLOB, i, nodes) == "a"}
+    s = swarm(40, max_origin_in_flight=100, origin_wait_limit=2.0, origin_stall_limit=10.0)
+    s.handle(PeerJoined("a", Bitmap(40)), 0.0)
+    fetched = {a.index for a in of(s.handle(Tick(), 0.0), FetchFromOrigin)}
+    now = 0.0
+    while now < 30.0:
+        now += 0.5
+        s.handle(PeerAlive("a", progressed=True), now)
+        fetched |= {a.index for a in of(s.handle(Tick(), now), FetchFromOrigin)}
+    assert not fetched & theirs
+    fetched |= {a.index for a in of(s.handle(Tick(), now + 2.0), FetchFromOrigin)}
+    assert theirs <= fetched
+
+
 def test_responsible_node_leaving_hands_its_chunks_over_at_once():
     nodes = ["me", "a", "b"]
     s = swarm(60, max_origin_in_flight=100)

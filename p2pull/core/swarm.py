@@ -124,9 +124,12 @@ class PeerLeft:
 class PeerAlive:
     """``peer``'s connection delivered something (a message about any blob, a Pong): it is
     alive even if it sent nothing about this blob for a while (busy fetching another blob's
-    chunks from the origin, say), so orphans it outranks us for keep waiting for it."""
+    chunks from the origin, say), so orphans it outranks us for keep waiting for it.
+    ``progressed``: what it delivered shows progress (a Have or a piece of any blob), which
+    keeps its ``origin_stall_limit`` from running out."""
 
     peer: str
+    progressed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +329,8 @@ class BlobSwarm:
             peer = self._peers.get(event.peer)
             if peer is not None:
                 peer.heard = now
+                if event.progressed:
+                    peer.progressed = now
             return []
         if type(event) is PeerHave:  # most events by far: the Have of a chunk we hold
             peer = self._peers.get(event.peer)

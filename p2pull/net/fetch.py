@@ -332,6 +332,8 @@ class BlobSession:
             elif isinstance(action, Completed):
                 self._committed.set()
         if origin_chunks:
+            log.debug("%s: chunks %s from the origin (%d peers share it)", self.digest[7:19],
+                      sorted(origin_chunks), self.swarm.member_count)
             self._pool.submit(self, sorted(origin_chunks))
 
     def holds(self, index: int) -> bool:

@@ -154,8 +154,10 @@ class PeerLink:
     requests: collections.deque = field(default_factory=collections.deque)
     bytes_in: int = 0
     bytes_out: int = 0
-    #: when the swarms were last told the peer is alive (``Node._heard_from``)
+    #: when the swarms were last told the peer is alive, and making progress
+    #: (``Node._heard_from``)
     alive_at: float = -math.inf
+    progressed_at: float = -math.inf
 
     def __post_init__(self):
         self.outbox_send, self.outbox_receive = trio.open_memory_channel(math.inf)
@@ -431,23 +433,30 @@ class Node:
                 if not await self._dispatch(link, event):
                     return
 
-    def _heard_from(self, link: PeerLink) -> None:
+    def _heard_from(self, link: PeerLink, progressed: bool = False) -> None:
         """The link delivered bytes: tell the swarms it joined that the peer is alive, at
         most every ALIVE_INTERVAL. A swarm hears of a peer only through its blob, and would
         take a live peer busy with another blob for a dead one once origin_wait_limit ran
-        out, and fetch the chunks that peer is responsible for from the origin too."""
+        out, and fetch the chunks that peer is responsible for from the origin too.
+        ``progressed``: it was a Have or a piece; a peer whose Haves are all about another
+        blob (its origin queue holds that one first) is making progress for every blob."""
         now = trio.current_time()
-        if now - link.alive_at < ALIVE_INTERVAL:
+        progressed = progressed and now - link.progressed_at >= ALIVE_INTERVAL
+        if not progressed and now - link.alive_at < ALIVE_INTERVAL:
             return
         link.alive_at = now
+        if progressed:
+            link.progressed_at = now
         for blob in link.joined:
             session = self.sessions.get(blob)
             if session is not None:
-                session.apply(PeerAlive(link.peer_id))
+                session.apply(PeerAlive(link.peer_id, progressed))
 
     async def _dispatch(self, link: PeerLink, event) -> bool:
         """Act on one event from a peer; False when the link should close."""
         peer = link.peer_id
+        if isinstance(event, (Piece, Have)):
+            self._heard_from(link, progressed=True)
         if isinstance(event, Piece):
             await self._receive_piece(link, event)
         elif isinstance(event, Request):
