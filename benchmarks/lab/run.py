@@ -375,12 +375,15 @@ def phase_p2pull(ctx: Context, round_no: int) -> dict:
         outs = [ctx.work / f"out-p2pull-r{round_no}" / h.name for h in hosts]
         argvs = [[*p2pull_command(), "get", ctx.ref, "-o", str(out), "--json"] for out in outs]
         before = lab.tx_bytes(lab.origin)
+        cpu_before = [process_cpu_seconds(d.pid) for d in daemons]
         with Sampler(lab) as sampler:
             if ctx.options.start == "api":
                 outcomes = get_via_apis(apis, ctx.ref, outs, ctx.timeout("p2pull"))
             else:
                 _, outcomes = run_everywhere(lab, hosts, argvs, envs, ctx.timeout("p2pull"))
         origin_bytes = lab.tx_bytes(lab.origin) - before
+        cpu_used = [_round(process_cpu_seconds(d.pid) - b) if b is not None else None
+                    for d, b in zip(daemons, cpu_before)]
         statuses = []
         for api in apis:
             try:
@@ -394,7 +397,8 @@ def phase_p2pull(ctx: Context, round_no: int) -> dict:
             lab.stop(daemon)
     problems = verify_all(outs, ctx.files)
     nodes = []
-    for host, outcome, status, trouble in zip(hosts, outcomes, statuses, problems):
+    for host, outcome, status, trouble, cpu in zip(hosts, outcomes, statuses, problems,
+                                                    cpu_used):
         result = _json_or_none(outcome.get("out"))
         ok = outcome.get("status") == 0 and result is not None and not trouble
         wall = outcome.get("wall")
@@ -409,6 +413,8 @@ def phase_p2pull(ctx: Context, round_no: int) -> dict:
                       "from_peers": result["from_peers"] if result else None,
                       "to_peers": status.get("bytes_to_peers"),
                       "chunks_rejected": status.get("chunks_rejected"),
+                      # the daemon's CPU seconds (user + system) over the phase
+                      "cpu_seconds": cpu,
                       "ok": ok, "error": _error(outcome, trouble)})
     payload = sum(n["from_origin"] or 0 for n in nodes)
     result = phase_result("p2pull", nodes, origin_bytes, ctx.size, sampler,
@@ -417,6 +423,15 @@ def phase_p2pull(ctx: Context, round_no: int) -> dict:
                           discovery=discovery, logs=[str(p) for p in logs])
     _remove(base, *outs)
     return result
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds process ``pid`` has used so far (None once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def get_via_apis(apis: list[httpx.Client], ref: str, outs: list[Path],
@@ -827,7 +842,9 @@ def _phase_line(phase: dict) -> str:
     state = "ok" if phase["complete"] else "INCOMPLETE"
     return (f"  {phase['phase']}: {state}, slowest {_fmt(phase['max_seconds'])} s, median "
             f"{_fmt(phase['median_seconds'])} s, origin sent "
-            f"{phase['origin_bytes_over_F']:.3f} x F, CPU busy {_fmt(phase['cpu_busy'], '.0%')}")
+            f"{phase['origin_bytes_over_F']:.3f} x F, CPU busy {_fmt(phase['cpu_busy'], '.0%')}"
+            + (f", daemons' CPU {sum(cpus):.1f} s" if (cpus := [
+                n["cpu_seconds"] for n in phase["nodes"] if n.get("cpu_seconds")]) else ""))
 
 
 def print_report(report: dict, out=sys.stdout) -> None:

@@ -49,6 +49,11 @@ MAX_ORIGIN_CHUNKS = 1 << 20
 #: reader goes on receiving while earlier pieces are written, and stops when this many are
 #: pending (memory: this many chunks)
 PEER_WRITES_IN_FLIGHT = 2
+#: chunks at most this large are written (and, by the node, read to serve) in the event
+#: loop itself: a pwrite of 256 KiB into the page cache costs less than handing it to a
+#: worker thread and back (a GIL hand-off each way), which on a busy machine dominated
+#: the CPU of a daemon moving small chunks
+INLINE_IO_MAX = 512 * 1024
 #: chunks just past the sha256's prefix that are marked urgent: the hash is a streaming
 #: reader too, and a blob whose chunks arrive in random order would otherwise be hashed
 #: only after its last chunk, one core busy for size / 1.5 GB/s at the end
@@ -359,6 +364,10 @@ class BlobSession:
                 self.progress.rejected += 1
                 self.apply(PieceFailed(peer, index, "corrupt"))
                 return
+            if len(payload) <= INLINE_IO_MAX:
+                self.partial.write(index, 0, payload)
+                self._committed_from_peer(peer, index, checksum, len(payload))
+                return
             await self._write_slots.acquire()
             if not self._wants_piece(peer, index):  # held, or being written, meanwhile
                 self._write_slots.release()
@@ -377,12 +386,15 @@ class BlobSession:
             self._peer_writes.discard(index)
             self._write_slots.release()
             self._release_payload(payload)
+        self._committed_from_peer(peer, index, checksum, len(payload))
+
+    def _committed_from_peer(self, peer: str, index: int, checksum: bytes, length: int) -> None:
         if self.partial.commit(index, checksum):
             self.chunk_sources[index] = peer
-            self.progress.from_peers += len(payload)
-            self.progress.held += len(payload)
+            self.progress.from_peers += length
+            self.progress.held += length
             self._committed.set()
-            self.apply(PieceVerified(peer, index, len(payload)))
+            self.apply(PieceVerified(peer, index, length))
 
     async def write_in_thread(self, write, *args) -> None:
         """Run ``write(*args)`` (a PartialBlob write) in a worker thread, counted, so that
@@ -442,7 +454,10 @@ class BlobSession:
         frontier = -1
         while True:
             self._committed = trio.Event()
-            if await trio.to_thread.run_sync(partial.advance_hash):
+            # a worker thread only when the prefix can grow: most commits land elsewhere
+            frontier_held = partial.hashed_chunks == self.plan.count or \
+                partial.hashed_chunks in partial.bitmap
+            if frontier_held and await trio.to_thread.run_sync(partial.advance_hash):
                 break
             if partial.hashed_chunks != frontier:
                 frontier = partial.hashed_chunks
@@ -568,8 +583,11 @@ class _ChunkWriter:
             self.uncommitted -= self.position
             self.session.progress.held -= self.position
             return
-        await self.session.write_in_thread(self.session.partial.write_many, self.index,
-                                           self.written, batch)
+        if self.position - self.written <= INLINE_IO_MAX:
+            self.session.partial.write_many(self.index, self.written, batch)
+        else:
+            await self.session.write_in_thread(self.session.partial.write_many, self.index,
+                                               self.written, batch)
         self.written = self.position
 
 

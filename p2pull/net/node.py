@@ -16,6 +16,7 @@ import math
 import os
 import random
 import secrets
+import socket
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -32,8 +33,8 @@ from p2pull.core.swarm import (PeerAlive, PeerHave, PeerJoined, PeerLeft, PieceF
                                SwarmConfig, Tick)
 from p2pull.discovery import PeerGone, run_discovery
 from p2pull.errors import ProtocolError, UsageError
-from p2pull.net.fetch import (MAX_ORIGIN_CHUNKS, PEER_WRITES_IN_FLIGHT, BlobSession, Progress,
-                              fetch_blobs, throttle)
+from p2pull.net.fetch import (INLINE_IO_MAX, MAX_ORIGIN_CHUNKS, PEER_WRITES_IN_FLIGHT,
+                              BlobSession, Progress, fetch_blobs, throttle)
 from p2pull.origin.client import OriginClient
 from p2pull.origin.manifest import Descriptor
 from p2pull.store.cas import Store, chunk_checksum
@@ -46,6 +47,9 @@ log = logging.getLogger("p2pull.node")
 
 #: bytes asked of the socket per read: a 16 MiB piece in 16 reads
 RECEIVE_SIZE = 1024 * 1024
+#: while a payload arrives the socket reports readable only once this much of it is in
+#: (SO_RCVLOWAT), or all that is left of it
+RECEIVE_LOW_WATER = 256 * 1024
 #: a peer that has not completed the handshake by then is dropped
 HANDSHAKE_TIMEOUT = 10.0
 #: a write that makes no progress for this long means the peer stopped reading
@@ -410,8 +414,17 @@ class Node:
         conn = link.conn
         # a payload is received straight into its buffer when the stream is a socket
         sock = getattr(link.stream, "socket", None)
+        low_water = 1
         while True:
             space = conn.payload_space() if sock is not None else None
+            # inside a payload, be woken only once a good part of it is in: a link shaped
+            # to 100 Mbit/s otherwise wakes the reader every few packets, and eight daemons
+            # on two cores spend their CPU on wake-ups (never more than the payload's rest,
+            # so nothing waits for bytes that are not coming)
+            wanted = 1 if space is None else min(len(space), RECEIVE_LOW_WATER)
+            if wanted != low_water:
+                low_water = wanted
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, wanted)
             with trio.move_on_after(self.config.peer_timeout) as idle:
                 if space is not None:
                     count = await sock.recv_into(space[:RECEIVE_SIZE])
@@ -554,7 +567,11 @@ class Node:
                         # the slot is released once the piece is sent (by _send_pieces)
                         sending = False
                         try:
-                            chunk = await trio.to_thread.run_sync(self._read_chunk, blob, index)
+                            if self._chunk_length(blob, index) <= INLINE_IO_MAX:
+                                chunk = self._read_chunk(blob, index)
+                            else:
+                                chunk = await trio.to_thread.run_sync(self._read_chunk, blob,
+                                                                      index)
                             if chunk is None:
                                 link.send(Reject(blob, index, "missing"))
                             else:
@@ -572,6 +589,17 @@ class Node:
                 self.counters.bytes_to_peers += len(data)
             finally:
                 self.upload_slots.release(link.peer_id)
+
+    def _chunk_length(self, blob: str, index: int) -> int:
+        """The length of chunk ``index`` of ``blob`` (0 if we do not have the blob)."""
+        session = self.sessions.get(blob)
+        if session is not None and 0 <= index < session.plan.count:
+            return session.plan.length(index)
+        try:
+            size = self.store.blob_path(blob).stat().st_size
+        except (OSError, ValueError):
+            return 0
+        return ChunkPlan.for_blob(size, self.config.chunk_size).chunk_size
 
     def _read_chunk(self, blob: str, index: int) -> tuple[bytes, bytes] | None:
         """(bytes, xxh3) of a chunk we hold, from the partial file or the store; None if
