@@ -96,7 +96,7 @@ def test_never_exceeds_cap():
         assert limits[-1] == cap
 
 
-def test_a_lower_cap_takes_effect_at_once_and_a_higher_one_is_grown_into():
+def test_the_cap_follows_the_share_and_the_limit_moves_with_it():
     origin = FarOrigin(ceiling=float("inf"))
     policy = AdaptiveConcurrency(limit=4, cap=16)
     origin.run(policy, seconds=30, step=0.05)
@@ -105,9 +105,13 @@ def test_a_lower_cap_takes_effect_at_once_and_a_higher_one_is_grown_into():
     assert policy.limit == 2 and policy.cap == 2
     policy.set_cap(0)
     assert policy.cap == policy.limit == 1  # never below the floor
-    policy.set_cap(8)
-    assert policy.limit == 1  # not retaken at once: measured again
-    assert max(origin.run(policy, seconds=30, step=0.05)) == 8
+    policy.set_cap(8)  # the last node with origin work: it takes more at once
+    assert policy.limit == 8
+    policy.on_pushback(100.0)
+    assert policy.limit == 4
+    policy.set_cap(10)
+    assert policy.limit == 6  # the pushback's halving stays
+    assert max(origin.run(policy, seconds=30, step=0.05)) <= 10
 
 
 def test_short_windows_do_not_count():

@@ -53,14 +53,14 @@ class AdaptiveConcurrency:
         return self.limit
 
     def set_cap(self, cap: int) -> None:
-        """Change the most requests allowed (the origin is shared with more or fewer
-        nodes). The rate measured so far was under other sharing: measure afresh."""
+        """Change the most requests allowed (this node's share of the origin changed):
+        the limit moves by as much as the cap (what a pushback took stays taken), and the
+        rate is measured afresh, the old one having been taken under other sharing."""
         cap = max(self.floor, cap)
         if cap != self.cap:
+            self.limit = max(self.floor, min(cap, self.limit + cap - self.cap))
             self.cap = cap
-            self.limit = min(self.limit, cap)
             self.best_rate = 0.0
-            self._probe = True
             self._window_start, self._window_bytes = None, 0
 
     def on_pushback(self, now: float) -> int:

@@ -393,10 +393,12 @@ class BlobSwarm:
     def origin_in_flight(self) -> int:
         return self._origin_count
 
-    @property
-    def member_count(self) -> int:
-        """Peers that joined wanting the blob: the nodes sharing the origin with us."""
-        return len(self._members)
+    def origin_work(self) -> tuple[int, int]:
+        """(chunks this node fetches or has queued for the origin, chunks the origin still
+        has to send to the swarm as far as we know: those and every chunk we miss that no
+        peer holds)."""
+        mine = self._queued | self._origin
+        return mine.bit_count(), (mine | self._rarity.orphans).bit_count()
 
     def accepts_piece(self, peer: str, index: int) -> bool:
         """Whether a piece of ``index`` from ``peer`` may be written and then reported

@@ -118,6 +118,8 @@ class _OriginPool:
         self.origin = origin
         self.ref = ref
         self.max_connections = cap
+        #: session -> (its chunks for the origin, the swarm's), from ``share_work``
+        self._work: dict[BlobSession, tuple[int, int]] = {}
         self._nursery = nursery
         # runs of consecutive missing chunks, [first, end), in the order they were queued
         self._runs: collections.deque[tuple[BlobSession, int, int]] = collections.deque()
@@ -155,14 +157,25 @@ class _OriginPool:
         self._queued_bytes -= plan.bytes_between(first, first + count)
         return session, first, count
 
-    def share_with(self, nodes: int) -> None:
-        """``nodes`` nodes (us included) fetch from this origin at once: keep to our share
-        of ``origin_max_connections``. Not for politeness alone: a node that opens many
-        slow connections takes a larger share of the origin, but every chunk then takes
-        that much longer to arrive, and a chunk can be passed on to peers only once it is
-        whole: with 8 nodes x 16 connections a 2 MiB chunk of a 100 Mbit/s origin takes
-        20 s, and the peers wait idle that long at the start."""
-        self.concurrency.set_cap(max(1, -(-self.max_connections // max(1, nodes))))
+    def share_work(self, session: "BlobSession", mine: int, remaining: int) -> None:
+        """``session`` fetches ``mine`` of the ``remaining`` chunks the origin still has to
+        send to the swarm: keep to that share of ``origin_max_connections``.
+
+        At the start every node has about 1/N of the work. Connections beyond its share
+        would take a larger part of the origin, but every chunk would then take that much
+        longer to arrive, and a chunk can be passed on to peers only once it is whole
+        (with 8 nodes x 16 connections a 2 MiB chunk of a 100 Mbit/s origin takes 20 s,
+        and the peers wait idle that long at the start). At the end the last node with
+        origin work holds most of it: more connections then keep the origin busy against
+        the peer connections that share the node's download link."""
+        self._work[session] = (mine, remaining)
+        mine = sum(m for m, _ in self._work.values())
+        remaining = sum(r for _, r in self._work.values())
+        share = mine / remaining if remaining else 1.0
+        self.concurrency.set_cap(max(1, round(self.max_connections * share)))
+
+    def session_done(self, session: "BlobSession") -> None:
+        self._work.pop(session, None)
 
     def on_bytes(self, nbytes: int) -> None:
         before = self.concurrency.limit
@@ -291,6 +304,7 @@ class BlobSession:
             self.progress.state = "done"
         finally:
             self._writes = None
+            pool.session_done(self)
             self.messenger.session_ended(self)
             with trio.CancelScope(shield=True):
                 await self._until_writes_done()
@@ -320,8 +334,6 @@ class BlobSession:
         if self.swarm is None:
             return
         origin_chunks = []
-        if type(event) is Tick:
-            self._pool.share_with(1 + self.swarm.member_count)
         for action in self.swarm.handle(event, trio.current_time()):
             if isinstance(action, FetchFromOrigin):
                 origin_chunks.append(action.index)
@@ -336,9 +348,10 @@ class BlobSession:
                 self.messenger.ban(action.peer, action.reason)
             elif isinstance(action, Completed):
                 self._committed.set()
+        if type(event) is Tick:
+            self._pool.share_work(self, *self.swarm.origin_work())
         if origin_chunks:
-            log.debug("%s: chunks %s from the origin (%d peers share it)", self.digest[7:19],
-                      sorted(origin_chunks), self.swarm.member_count)
+            log.debug("%s: chunks %s from the origin", self.digest[7:19], sorted(origin_chunks))
             self._pool.submit(self, sorted(origin_chunks))
 
     def holds(self, index: int) -> bool:
