@@ -59,6 +59,11 @@ from p2pull.core.picker import Rarity, pick, pick_duplicate
 from p2pull.core.responsibility import chunk_key, node_bytes
 from p2pull.errors import ProtocolError
 
+#: a live member without progress is stalled after this many of our own origin chunk times
+STALL_PACES = 3.0
+#: weight of a new sample of our own origin chunk time
+ORIGIN_PACE_SMOOTHING = 0.25
+
 FailureReason = Literal["corrupt", "rejected", "busy", "error"]
 FAILURE_REASONS = ("corrupt", "rejected", "busy", "error")
 
@@ -306,6 +311,11 @@ class BlobSwarm:
         self._retries: list[tuple[float, int]] = []  # origin fetches to try again
         self._backoffs: list[tuple[float, int, str]] = []
         self._seq = 0
+        #: how long our own origin chunks take (EWMA, from FetchFromOrigin to the piece),
+        #: and when our first one was asked for: the pace a responsible node is judged by
+        self._origin_chunk_seconds: float | None = None
+        self._first_origin_fetch: float | None = None
+        self._origin_asked: dict[int, float] = {}
         self._started = False
         self._endgame = False
         self._completed_sent = False
@@ -402,14 +412,15 @@ class BlobSwarm:
 
     def accepts_piece(self, peer: str, index: int) -> bool:
         """Whether a piece of ``index`` from ``peer`` may be written and then reported
-        verified: we still miss it, we asked that peer for it, and it is not a chunk that
-        must come from the origin (after BlobCorrupt). A peer cannot push chunks we did
-        not ask it for."""
+        verified: we still miss it, the peer said it holds it, and it is not a chunk that
+        must come from the origin (after BlobCorrupt). A piece whose request expired or
+        was cancelled is still taken; a peer cannot push chunks it never announced."""
         if not 0 <= index < self._count:
             return False
         bit = 1 << index
+        holder = self._peers.get(peer)
         return bool(self._missing & bit) and not self._forced & bit and \
-            self._book.has(peer, index)
+            holder is not None and bool(holder.bits & bit)
 
     @property
     def fetching_from_origin(self) -> list[int]:
@@ -528,6 +539,12 @@ class BlobSwarm:
                 self._origin ^= bit
                 self._origin_count -= 1
                 self._drop_source(index)
+            asked = self._origin_asked.pop(index, None)
+            if asked is not None:
+                sample = self._now - asked
+                previous = self._origin_chunk_seconds
+                self._origin_chunk_seconds = sample if previous is None else \
+                    previous + ORIGIN_PACE_SMOOTHING * (sample - previous)
         else:
             peer = self._peers.get(name)
             if peer is not None:
@@ -580,6 +597,7 @@ class BlobSwarm:
             return
         self._origin ^= bit
         self._origin_count -= 1
+        self._origin_asked.pop(index, None)
         if not self._drop_source(index):
             return
         if self._forced & bit or not self._rarity.avail[index]:
@@ -820,6 +838,7 @@ class BlobSwarm:
             # range and reports nothing more for this chunk
             self._origin ^= bit
             self._origin_count -= 1
+            self._origin_asked.pop(index, None)
             self._drop_source(index)
         self._rarity.unwant(index)
         self._not_orphan(index)
@@ -879,7 +898,7 @@ class BlobSwarm:
         now = self._now
         since = self._orphan_since.setdefault(index, now)
         limit = self.config.origin_wait_limit
-        stall = self.config.origin_stall_limit
+        stall = self._stall_limit()
         key = self._chunk_key(index)
         mine = xxh3_64_intdigest(self._self_key, key)
         me = self.node_id
@@ -892,6 +911,17 @@ class BlobSwarm:
                     self._watch(index, name, until)
                     return
         self._queue_origin(index)
+
+    def _stall_limit(self) -> float:
+        """How long a live member may show no progress before its orphans are fetched by
+        others: ``origin_stall_limit``, or longer when the origin is slow for us too (a
+        large chunk shared by many connections takes a while): STALL_PACES times our own
+        origin chunks' time, or the time our first is taking."""
+        limit = self.config.origin_stall_limit
+        pace = self._origin_chunk_seconds
+        if pace is None and self._first_origin_fetch is not None:
+            pace = self._now - self._first_origin_fetch
+        return limit if pace is None else max(limit, STALL_PACES * pace)
 
     def _watch(self, index: int, name: str, until: float) -> None:
         old = self._watched_by.get(index)
@@ -951,5 +981,8 @@ class BlobSwarm:
             self._orphan_since.pop(index, None)
             self._origin |= bit
             self._origin_count += 1
+            self._origin_asked[index] = self._now
+            if self._first_origin_fetch is None:
+                self._first_origin_fetch = self._now
             self._add_source(index)
             self._acts.append(FetchFromOrigin(index))

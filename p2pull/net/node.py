@@ -156,6 +156,8 @@ class PeerLink:
     #: blobs for which the peer's bitmap joined our session
     joined: set[str] = field(default_factory=set)
     requests: collections.deque = field(default_factory=collections.deque)
+    #: pieces read for the peer and not yet sent: its upload slot is kept while any are
+    in_service: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
     #: when the swarms were last told the peer is alive, and making progress
@@ -388,6 +390,8 @@ class Node:
             return
         del self.links[link.peer_id]
         link.outbox_send.close()
+        link.requests.clear()
+        self.upload_slots.release(link.peer_id)
         for blob in link.joined:
             session = self.sessions.get(blob)
             if session is not None:
@@ -566,6 +570,7 @@ class Node:
                             continue
                         # the slot is released once the piece is sent (by _send_pieces)
                         sending = False
+                        link.in_service += 1
                         try:
                             if self._chunk_length(blob, index) <= INLINE_IO_MAX:
                                 chunk = self._read_chunk(blob, index)
@@ -579,7 +584,7 @@ class Node:
                                 sending = True
                         finally:
                             if not sending:
-                                self.upload_slots.release(link.peer_id)
+                                self._served(link)
 
     async def _send_pieces(self, link: PeerLink, pieces: trio.MemoryReceiveChannel) -> None:
         async for blob, index, (data, checksum) in pieces:
@@ -588,7 +593,14 @@ class Node:
                 await link.write(link.conn.send_piece(blob, index, checksum, data))
                 self.counters.bytes_to_peers += len(data)
             finally:
-                self.upload_slots.release(link.peer_id)
+                self._served(link)
+
+    def _served(self, link: PeerLink) -> None:
+        """One piece for ``link`` is sent (or dropped): the peer keeps its upload slot while
+        another is read, in service or queued."""
+        link.in_service -= 1
+        if not link.in_service and not link.requests:
+            self.upload_slots.release(link.peer_id)
 
     def _chunk_length(self, blob: str, index: int) -> int:
         """The length of chunk ``index`` of ``blob`` (0 if we do not have the blob)."""
