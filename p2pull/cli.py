@@ -9,17 +9,19 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress as Bars, TaskID, TextColumn,
-                           TimeRemainingColumn, TransferSpeedColumn)
 
 from p2pull import client
 from p2pull.config import load_config, parse_size
 from p2pull.errors import EXIT_CODES, P2pullError, UsageError, first_error
-from p2pull.net.fetch import Progress
+from p2pull.progress import Progress
 from p2pull.origin.push import PushProgress, push_directory
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as Bars, TaskID
 
 #: redraws per second of the progress bars
 REFRESH_HZ = 8
@@ -115,6 +117,11 @@ async def _get_with_bars(args, config, progress: Progress, console: Console):
                   format=args.format, config=config, progress=progress)
     if args.quiet or args.json or not console.is_terminal:
         return await client.get(args.ref, **kwargs)
+    # imported when bars are drawn: `get --json` (a script, every node of a cluster at
+    # once) starts without it
+    from rich.progress import (BarColumn, DownloadColumn, Progress as Bars, TextColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+
     columns = (TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
     with Bars(*columns, console=console, transient=False) as bars:

@@ -19,7 +19,7 @@ from p2pull.config import Config
 from p2pull.core.refs import parse_ref
 from p2pull.errors import P2pullError, first_error
 from p2pull.net.api import ApiError, open_unix_listener, serve_api
-from p2pull.net.fetch import Progress
+from p2pull.progress import Progress
 from p2pull.net.metrics import serve_metrics
 from p2pull.net.node import Node
 from p2pull.origin.client import OriginClient

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import logging
 import random
-from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import trio
@@ -28,6 +27,7 @@ from p2pull.core.swarm import (AnnounceHave, BanPeer, BlobCorrupt, BlobSwarm, Co
 from p2pull.errors import IntegrityError, OriginError, first_error
 from p2pull.origin.client import OriginClient
 from p2pull.origin.manifest import Descriptor
+from p2pull.progress import BlobProgress, Progress
 from p2pull.store.cas import PartialBlob, Store, chunk_checksum
 
 log = logging.getLogger("p2pull.fetch")
@@ -61,48 +61,6 @@ HASH_URGENT_AHEAD = 4
 #: the largest range asked in one request: a broken connection costs at most a resume, but
 #: a long request keeps a slow connection busy at the tail of a blob
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
-
-
-@dataclass
-class BlobProgress:
-    digest: str
-    size: int
-    title: str
-    #: queued, waiting (another process has it), fetching, verifying, done
-    state: str = "queued"
-    held: int = 0
-    from_origin: int = 0
-    from_peers: int = 0
-    reused: int = 0
-    #: pieces from peers whose bytes did not match their xxh3
-    rejected: int = 0
-
-
-@dataclass
-class Progress:
-    """Counters of one get, updated by the fetch and read by whoever renders them."""
-
-    blobs: dict[str, BlobProgress] = field(default_factory=dict)
-
-    @property
-    def total(self) -> int:
-        return sum(b.size for b in self.blobs.values())
-
-    @property
-    def held(self) -> int:
-        return sum(b.held for b in self.blobs.values())
-
-    @property
-    def from_origin(self) -> int:
-        return sum(b.from_origin for b in self.blobs.values())
-
-    @property
-    def from_peers(self) -> int:
-        return sum(b.from_peers for b in self.blobs.values())
-
-    @property
-    def reused(self) -> int:
-        return sum(b.reused for b in self.blobs.values())
 
 
 class _OriginPool:
