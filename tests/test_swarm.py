@@ -178,26 +178,35 @@ def test_a_live_responsible_node_is_waited_for():
     assert {a.index for a in of(actions, FetchFromOrigin)} == set(theirs)
 
 
+def two_node_origin_duty() -> tuple[BlobSwarm, set[int], set[int]]:
+    """"me" and "a" share origin duty for 40 chunks (stall limit 10 s): the swarm after its
+    first Tick, the chunks "a" is responsible for, and those the Tick fetched."""
+    theirs = {i for i in range(40) if responsible_node(BLOB, i, ["me", "a"]) == "a"}
+    s = swarm(40, max_origin_in_flight=100, origin_wait_limit=2.0, origin_stall_limit=10.0)
+    s.handle(PeerJoined("a", Bitmap(40)), 0.0)
+    return s, theirs, {a.index for a in of(s.handle(Tick(), 0.0), FetchFromOrigin)}
+
+
+def alive_then_tick(s: BlobSwarm, now: float, progressed: bool = False) -> set[int]:
+    """"a" shows it is alive at ``now``; the chunks the Tick then fetches from the origin."""
+    s.handle(PeerAlive("a", progressed), now)
+    return {a.index for a in of(s.handle(Tick(), now), FetchFromOrigin)}
+
+
 def test_a_live_responsible_node_that_makes_no_progress_is_not_waited_for_ever():
     """A node that answers pings (PeerAlive) but never gets a chunk (its origin broken, or
     it only claims interest) holds up its chunks for origin_stall_limit, not longer."""
-    nodes = ["me", "a"]
-    theirs = {i for i in range(40) if responsible_node(BLOB, i, nodes) == "a"}
-    s = swarm(40, max_origin_in_flight=100, origin_wait_limit=2.0, origin_stall_limit=10.0)
-    s.handle(PeerJoined("a", Bitmap(40)), 0.0)
-    fetched = {a.index for a in of(s.handle(Tick(), 0.0), FetchFromOrigin)}
+    s, theirs, fetched = two_node_origin_duty()
     for index in fetched:  # the origin is quick for us: 0.5 s a chunk
         s.handle(PieceVerified(None, index, CHUNK), 0.5)
     now = 0.5
     while now < 9.5:  # alive all along: waited for
         now += 0.5
-        s.handle(PeerAlive("a"), now)
-        fetched |= {a.index for a in of(s.handle(Tick(), now), FetchFromOrigin)}
+        fetched |= alive_then_tick(s, now)
         assert not fetched & theirs, now
     for _ in range(2):
         now += 0.5
-        s.handle(PeerAlive("a"), now)
-        fetched |= {a.index for a in of(s.handle(Tick(), now), FetchFromOrigin)}
+        fetched |= alive_then_tick(s, now)
     assert theirs <= fetched  # no progress for 10 s: we fetch its chunks ourselves
     assert fetched == set(range(40))
 
@@ -205,24 +214,18 @@ def test_a_live_responsible_node_that_makes_no_progress_is_not_waited_for_ever()
 def test_a_slow_origin_lengthens_the_stall_limit():
     """Our own origin chunks take 8 s each (a large chunk shared by many connections):
     a member without progress is given three such times, not the 10 s floor."""
-    nodes = ["me", "a"]
-    theirs = {i for i in range(40) if responsible_node(BLOB, i, nodes) == "a"}
-    s = swarm(40, max_origin_in_flight=100, origin_wait_limit=2.0, origin_stall_limit=10.0)
-    s.handle(PeerJoined("a", Bitmap(40)), 0.0)
-    fetched = {a.index for a in of(s.handle(Tick(), 0.0), FetchFromOrigin)}
+    s, theirs, fetched = two_node_origin_duty()
     now = 0.0
     while now < 22.0:  # our first chunk is still coming at 8 s: the origin is slow
         now += 0.5
-        s.handle(PeerAlive("a"), now)
         if now == 8.0:
             for index in sorted(fetched)[:3]:
                 s.handle(PieceVerified(None, index, CHUNK), now)
-        fetched |= {a.index for a in of(s.handle(Tick(), now), FetchFromOrigin)}
+        fetched |= alive_then_tick(s, now)
         assert not fetched & theirs, now
     while now < 26.0:
         now += 0.5
-        s.handle(PeerAlive("a"), now)
-        fetched |= {a.index for a in of(s.handle(Tick(), now), FetchFromOrigin)}
+        fetched |= alive_then_tick(s, now)
     assert theirs <= fetched  # 3 x 8 s without progress: stalled
 
 
@@ -230,16 +233,11 @@ def test_progress_on_another_blob_keeps_a_responsible_node_waited_for():
     """A node busy with another blob's origin chunks sends Haves about that blob only: the
     driver passes them on as PeerAlive(progressed=True), and the stall limit never runs
     out; silence still does."""
-    nodes = ["me", "a"]
-    theirs = {i for i in range(40) if responsible_node(BLOB, i, nodes) == "a"}
-    s = swarm(40, max_origin_in_flight=100, origin_wait_limit=2.0, origin_stall_limit=10.0)
-    s.handle(PeerJoined("a", Bitmap(40)), 0.0)
-    fetched = {a.index for a in of(s.handle(Tick(), 0.0), FetchFromOrigin)}
+    s, theirs, fetched = two_node_origin_duty()
     now = 0.0
     while now < 30.0:
         now += 0.5
-        s.handle(PeerAlive("a", progressed=True), now)
-        fetched |= {a.index for a in of(s.handle(Tick(), now), FetchFromOrigin)}
+        fetched |= alive_then_tick(s, now, progressed=True)
     assert not fetched & theirs
     fetched |= {a.index for a in of(s.handle(Tick(), now + 2.0), FetchFromOrigin)}
     assert theirs <= fetched
