@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import tempfile
 import threading
@@ -47,9 +46,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.far_origin import (MIB, SEED, WEIGHT_SHARES, BenchmarkError, GeneratedFile,
-                                   add_output_arguments, fmt_mib, run_benchmark, size_arg,
-                                   write_bytes_file)
+from benchmarks.far_origin import (MIB, SEED, BenchmarkError, GeneratedFile,
+                                   add_output_arguments, fmt_mib, generate_model,
+                                   run_benchmark, size_arg)
 from benchmarks.peer_throughput import (TAG, Daemon, print_load, serve_layout,
                                         verify_output, write_stamped_file)
 from p2pull.config import Config
@@ -59,23 +58,6 @@ from p2pull.core.swarm import SwarmConfig
 REPO = "bench/model"
 GOAL_PEAK_MIB = 150
 SAMPLE_INTERVAL_S = 0.05
-
-
-def generate_model(directory: Path, size: int) -> list[GeneratedFile]:
-    """config.json plus three weight files sharing ``size`` as far_origin's model does."""
-    directory.mkdir(parents=True)
-    config = json.dumps({"architectures": ["BenchModel"], "hidden_size": 4096,
-                         "num_hidden_layers": 32, "seed": SEED}, indent=2).encode()
-    rest = size - len(config)
-    if rest < len(WEIGHT_SHARES):
-        raise BenchmarkError(f"--size {size} is too small for a model of four files")
-    files, left = [], rest
-    for name, share in WEIGHT_SHARES:
-        nbytes = left if share is None else int(rest * share)
-        files.append(write_stamped_file(directory / name, nbytes, f"{SEED}:memory:{name}"))
-        left -= nbytes
-    files.append(write_bytes_file(directory / "config.json", config))
-    return files
 
 
 STATUS_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "Threads")
@@ -231,7 +213,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(
             prefix="p2pull-bench-mem-", dir=args.workdir, ignore_cleanup_errors=True)))
         started = time.monotonic()
-        files = generate_model(work / "content", args.size)
+        files = generate_model(work / "content", args.size, seed=f"{SEED}:memory",
+                               write_weights=write_stamped_file)
         origin = serve_layout(stack, work, files)
         ref = f"{origin.host}/{REPO}:{TAG}"
         total = sum(f.size for f in files)

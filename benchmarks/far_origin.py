@@ -44,7 +44,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,8 +115,11 @@ def write_bytes_file(path: Path, content: bytes) -> GeneratedFile:
     return GeneratedFile(path.name, path, len(content), hashlib.sha256(content).hexdigest())
 
 
-def generate_model(directory: Path, size: int) -> list[GeneratedFile]:
-    """A model of ``size`` bytes in total: config.json plus three weight files."""
+def generate_model(directory: Path, size: int, *, seed: str = SEED,
+                   write_weights: Callable[[Path, int, str], GeneratedFile] = write_random_file
+                   ) -> list[GeneratedFile]:
+    """A model of ``size`` bytes in total: config.json plus three weight files, each
+    written by ``write_weights(path, size, f"{seed}:{name}")``."""
     directory.mkdir(parents=True)
     config = json.dumps({"architectures": ["BenchModel"], "hidden_size": 4096,
                          "num_hidden_layers": 32, "seed": SEED}, indent=2).encode()
@@ -127,7 +130,7 @@ def generate_model(directory: Path, size: int) -> list[GeneratedFile]:
     left = rest
     for name, share in WEIGHT_SHARES:
         nbytes = left if share is None else int(rest * share)
-        files.append(write_random_file(directory / name, nbytes, f"{SEED}:{name}"))
+        files.append(write_weights(directory / name, nbytes, f"{seed}:{name}"))
         left -= nbytes
     files.append(write_bytes_file(directory / "config.json", config))
     return files
