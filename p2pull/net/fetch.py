@@ -309,8 +309,9 @@ class BlobSession:
         if type(event) is Tick:
             self._pool.share_work(self, *self.swarm.origin_work())
         if origin_chunks:
-            log.debug("%s: chunks %s from the origin", self.digest[7:19], sorted(origin_chunks))
-            self._pool.submit(self, sorted(origin_chunks))
+            origin_chunks.sort()
+            log.debug("%s: chunks %s from the origin", self.digest[7:19], origin_chunks)
+            self._pool.submit(self, origin_chunks)
 
     def holds(self, index: int) -> bool:
         return self.partial is not None and index in self.partial.bitmap
