@@ -353,6 +353,64 @@ def test_advance_hash_follows_the_held_prefix(store):
         partial.close()
 
 
+def test_chunks_continuing_the_prefix_are_hashed_from_the_callers_buffer(store):
+    partial = open_partial(store)
+    try:
+        for index in [0, 1, 3]:  # 3 is past the prefix: it must be read back later
+            piece = chunk_bytes(DATA, index)
+            partial.write(index, 0, piece)
+            assert partial.hash_next_chunk(index, piece) is (index != 3)
+            partial.commit(index, chunk_checksum(piece))
+        assert partial.hashed_chunks == 2
+        assert partial.hash_next_chunk(0, chunk_bytes(DATA, 0)) is False  # hashed already
+        put_chunks(partial, DATA, [2])
+        # the frontier is committed: that is the hashing thread's work, not a writer's
+        assert partial.hash_next_chunk(2, chunk_bytes(DATA, 2)) is False
+        assert partial.advance_hash() is False
+        assert partial.hashed_chunks == 4
+        put_chunks(partial, DATA, range(4, 11))
+        partial.publish()
+    finally:
+        partial.close()
+    assert store.blob_path(DIGEST).read_bytes() == DATA
+
+
+def test_prefix_hashed_from_buffers_is_what_publish_checks(store):
+    """The sha256 is fed the buffer, not the file: a buffer unlike the bytes written (a
+    broken caller) makes the publish fail rather than pass unchecked."""
+    partial = open_partial(store)
+    try:
+        partial.write(0, 0, chunk_bytes(DATA, 0))
+        partial.hash_next_chunk(0, bytes(CHUNK))
+        partial.commit(0, chunk_checksum(chunk_bytes(DATA, 0)))
+        put_chunks(partial, DATA, range(1, 11))
+        with pytest.raises(IntegrityError):
+            partial.publish()
+    finally:
+        partial.close()
+    assert not store.has_blob(DIGEST)
+
+
+def test_publish_waits_for_the_last_chunk_hashed_but_not_committed(store):
+    partial = open_partial(store)
+    try:
+        put_chunks(partial, DATA, range(10))
+        assert partial.advance_hash() is False
+        last = chunk_bytes(DATA, 10)
+        partial.write(10, 0, last)
+        assert partial.hash_next_chunk(10, last)
+        assert partial.hashed_chunks == 11
+        assert partial.advance_hash() is False  # hashed, but not held yet
+        with pytest.raises(StoreError, match="before all chunks"):
+            partial.publish()
+        partial.commit(10, chunk_checksum(last))
+        assert partial.advance_hash() is True
+        partial.publish()
+    finally:
+        partial.close()
+    assert store.blob_path(DIGEST).read_bytes() == DATA
+
+
 def test_publish_moves_a_verified_blob_read_only(store):
     partial = open_partial(store)
     try:

@@ -143,6 +143,38 @@ def test_a_daemon_killed_mid_pull_resumes_and_the_others_finish(origin, cluster,
     assert added < MODEL_SIZE, (added, summary)
 
 
+def test_a_held_model_is_served_from_its_files_before_and_after_a_restart(origin, cluster,
+                                                                          tmp_path):
+    """Later pulls take a held model from peers, each way a chunk can be served: from a
+    blob published in this run (sent from its file with the xxh3s kept at publish), from one
+    published before a restart (read once, its xxh3 kept, then sent from the file), and from
+    a partial file while it downloads. Every output byte-identical, nothing rejected."""
+    first, second, third = cluster.add(3)
+    first.start()
+    with Proxy(origin.host) as proxy:
+        ref = f"{proxy.host}/{REPOSITORY}"
+        first.get(ref, tmp_path / "out0", GET_TIMEOUT)
+        first.stop()
+        first.start()  # it keeps no xxh3s across a restart: serving reads them first
+        second.start()
+        cluster.wait_for_mesh([first, second])
+        before = proxy.bytes_down
+        summaries = [second.get(ref, tmp_path / "out1", GET_TIMEOUT)]
+        third.start()
+        cluster.wait_for_mesh()
+        summaries.append(third.get(ref, tmp_path / "out2", GET_TIMEOUT))
+        from_origin = proxy.bytes_down - before
+    for i in range(3):
+        assert_same_files(tmp_path / f"out{i}", MODEL)
+    for summary in summaries:
+        assert summary["from_peers"] >= 3 * LAYER - 12345, summary
+    assert from_origin < 0.1 * MODEL_SIZE, from_origin  # manifests and small files at most
+    for daemon in (second, third):
+        status = daemon.cli_json("status")
+        assert status["chunks_rejected"] == 0 and status["bans"] == 0, daemon.log_tail()
+    assert first.status()["bytes_to_peers"] >= 2 * LAYER  # served both, read and from file
+
+
 def held_bytes(data_dir: Path) -> int:
     """Bytes of the chunks the partial downloads' chunk logs record as held (the store's
     format: a header of magic, blob size and chunk size, then (index, xxh3) records)."""

@@ -367,6 +367,24 @@ def test_send_piece_returns_the_payload_itself(payload):
     assert len(buffers) == 2 and buffers[-1] is payload
 
 
+def test_piece_head_then_payload_sent_apart_is_one_piece():
+    """A sender writing the payload itself (sendfile) after ``send_piece_head``: the peer
+    receives the same Piece as from ``send_piece``, and frames after it stay in step."""
+    payload = bytes(range(256)) * 300
+    pair = established()
+    pair.write("a", pair.conn["a"].send_piece_head(BLOB, 7, CHECKSUM, len(payload)))
+    pair.write("a", payload)
+    pair.send("a", Have(BLOB, 8))
+    assert pair.deliver()["b"] == [Piece(BLOB, 7, CHECKSUM, payload), Have(BLOB, 8)]
+
+
+@pytest.mark.parametrize("size", [-1, MAX_PAYLOAD + 1, 1.5])
+def test_piece_head_refuses_an_impossible_payload_size(size):
+    conn = established().conn["a"]
+    with pytest.raises(LocalProtocolError, match="payload"):
+        conn.send_piece_head(BLOB, 7, CHECKSUM, size)
+
+
 def test_received_payload_is_owned_and_read_only():
     payload = bytes(range(256)) * 4096  # 1 MiB, arriving in 64 KiB pieces
     pair = established()

@@ -11,6 +11,11 @@ Contract with the driver
   that it decides who fetches what from the origin on a full view of the swarm.
 - Tick again no later than ``next_deadline()`` (or at a steady interval): requests expire,
   origin waits run out and backed-off peers come back only on a ``Tick``.
+- Tell the swarm that its peers are alive with ``PeerAlive``, or, when the driver tracks
+  liveness per connection anyway, pass ``liveness``: a function of a peer's name returning
+  the last times (heard from, showed progress) the driver knows of. The swarm takes the
+  later of those and what its own events told it, and asks only when it decides an orphan,
+  so a driver with many swarms and peers need not send N x swarms ``PeerAlive`` per period.
 - Send ``PeerJoined`` before anything else about a peer (a ``PeerHave`` from a peer that has
   not joined, or has left, is ignored) and ``PeerLeft`` when its connection is gone. A peer
   that stays connected but never answers only costs request timeouts (and a back-off); the
@@ -245,7 +250,7 @@ class _Peer:
     """A live, unbanned peer of this blob."""
 
     __slots__ = ("name", "key", "bits", "requested", "heard", "progressed", "member",
-                 "backoff_until")
+                 "backoff_until", "freed_at")
 
     def __init__(self, name: str, now: float):
         self.name = name
@@ -263,6 +268,13 @@ class _Peer:
         self.member = False
         #: no new requests before this time (busy, error, timeout)
         self.backoff_until: float | None = None
+        #: when it last entered the swarm's free peers (a counter): their order, so that
+        #: ties between holders are broken as a scan of the free peers would
+        self.freed_at = 0
+
+
+def _freed_at(peer: _Peer) -> int:
+    return peer.freed_at
 
 
 class BlobSwarm:
@@ -270,7 +282,8 @@ class BlobSwarm:
     its own view (``held`` property), updated by ``PieceVerified`` and ``BlobCorrupt``."""
 
     def __init__(self, blob: str, plan: ChunkPlan, node_id: str, held: Bitmap,
-                 config: SwarmConfig = SwarmConfig(), rng: random.Random | None = None):
+                 config: SwarmConfig = SwarmConfig(), rng: random.Random | None = None,
+                 liveness: Callable[[str], tuple[float, float]] | None = None):
         count = plan.count
         if held.size != count:
             raise ValueError(f"bitmap of {held.size} chunks for a plan of {count}")
@@ -279,6 +292,7 @@ class BlobSwarm:
         self.node_id = node_id
         self.config = config
         self._rng = rng if rng is not None else random.Random(0)
+        self._liveness = liveness
         self._count = count
         self._last_length = plan.length(count - 1)
         self._missing = ((1 << count) - 1) ^ held.to_int()
@@ -294,6 +308,11 @@ class BlobSwarm:
         #: peers that may be sent a request now (dicts, not sets: iteration order must not
         #: depend on string hashing, or runs would not replay)
         self._free: dict[str, None] = {}
+        self._freed = 0
+        #: peers that have held some chunk since they joined, in join order: who can be
+        #: offered a chunk, usually far fewer than the peers (with full membership every
+        #: node joins, but only neighbours send Haves)
+        self._holding: dict[str, _Peer] = {}
         self._members: dict[str, _Peer] = {}
         self._self_key = node_bytes(node_id)
         self._chunk_keys: dict[int, int] = {}
@@ -351,6 +370,8 @@ class BlobSwarm:
                     peer.heard = peer.progressed = now
                     bits = peer.bits
                     if not bits & bit:
+                        if not bits:
+                            self._holding[peer.name] = peer
                         peer.bits = bits | bit
                         self._rarity.avail[index] += 1
                     return []
@@ -368,8 +389,12 @@ class BlobSwarm:
         if self._missing and not self._rarity.wanted:
             if not self._endgame:
                 self._endgame = True
-                for name in list(self._free):
-                    self._fill(self._peers[name])
+                # a free peer holding nothing has nothing to duplicate: skip it, the
+                # others in the order of the free peers
+                free = self._free
+                for peer in sorted((peer for name, peer in self._holding.items()
+                                    if name in free), key=_freed_at):
+                    self._fill(peer)
         elif self._endgame:
             self._endgame = False
         return acts
@@ -473,7 +498,7 @@ class BlobSwarm:
             self._members[name] = peer
             self._member_joined(peer)
         if self._book.has_capacity(name):
-            self._free[name] = None
+            self._set_free(peer)
         return peer
 
     def _on_joined(self, event: PeerJoined) -> None:
@@ -515,6 +540,8 @@ class BlobSwarm:
         bits = peer.bits
         if bits & bit:
             return
+        if not bits:
+            self._holding[name] = peer
         peer.bits = bits | bit
         rarity = self._rarity
         if not self._missing & bit:  # held: only the count matters
@@ -553,6 +580,8 @@ class BlobSwarm:
                         self._release(peer, index) and self._forced & bit:
                     self._queue_origin(index)
                 if not peer.bits & bit:  # it had it without telling us
+                    if not peer.bits:
+                        self._holding[name] = peer
                     peer.bits |= bit
                     self._rarity.inc(index)
             if self._forced & bit:  # we want this one from the origin only
@@ -647,7 +676,7 @@ class BlobSwarm:
                     peer.backoff_until <= now:
                 peer.backoff_until = None
                 if self._book.has_capacity(name):
-                    self._free[name] = None
+                    self._set_free(peer)
                     self._fill(peer)
 
     def _on_urgent(self, event: Urgent) -> None:
@@ -692,6 +721,8 @@ class BlobSwarm:
     # -- peers ------------------------------------------------------------------------------
 
     def _add_bits(self, peer: _Peer, bits: int) -> None:
+        if bits and not peer.bits:
+            self._holding[peer.name] = peer
         peer.bits |= bits
         rarity = self._rarity
         newly = bits & rarity.wanted & ~rarity.pickable
@@ -710,6 +741,7 @@ class BlobSwarm:
         count, and orphans waiting on it are decided again."""
         name = peer.name
         self._free.pop(name, None)
+        self._holding.pop(name, None)
         if peer.member:
             del self._members[name]
         dropped = self._book.drop_peer(name)
@@ -734,6 +766,13 @@ class BlobSwarm:
         if peer is not None:
             self._forget(peer)
         self._book.ban(name, reason)
+
+    def _set_free(self, peer: _Peer) -> None:
+        name = peer.name
+        if name not in self._free:
+            self._free[name] = None
+            self._freed += 1
+            peer.freed_at = self._freed
 
     def _back_off(self, peer: _Peer) -> None:
         until = self._now + self.config.peer_backoff
@@ -780,11 +819,12 @@ class BlobSwarm:
         bit = 1 << index
         best, best_score = None, -1.0
         score = self._book.score
-        for name in self._free:
-            peer = self._peers[name]
-            if peer.bits & bit:
+        free = self._free
+        for name, peer in self._holding.items():
+            if peer.bits & bit and name in free:
                 value = score(name)
-                if value > best_score:
+                if value > best_score or (value == best_score and
+                                          peer.freed_at < best.freed_at):
                     best, best_score = peer, value
         if best is not None:
             self._request(best, index)
@@ -795,7 +835,7 @@ class BlobSwarm:
         peer.requested &= ~(1 << index)
         if peer.backoff_until is None and self._book.outstanding(peer.name) < \
                 self.config.pipeline_depth:
-            self._free[peer.name] = None
+            self._set_free(peer)
         return self._drop_source(index)
 
     def _add_source(self, index: int) -> None:
@@ -902,10 +942,18 @@ class BlobSwarm:
         key = self._chunk_key(index)
         mine = xxh3_64_intdigest(self._self_key, key)
         me = self.node_id
+        liveness = self._liveness
         for name, peer in self._members.items():
             theirs = xxh3_64_intdigest(peer.key, key)
             if theirs > mine or (theirs == mine and name > me):
-                alive_until = min(peer.heard + limit, peer.progressed + stall)
+                heard, progressed = peer.heard, peer.progressed
+                if liveness is not None:
+                    known_heard, known_progressed = liveness(name)
+                    if known_heard > heard:
+                        heard = known_heard
+                    if known_progressed > progressed:
+                        progressed = known_progressed
+                alive_until = min(heard + limit, progressed + stall)
                 until = max(since + limit, alive_until)
                 if until > now:
                     self._watch(index, name, until)

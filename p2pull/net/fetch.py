@@ -245,8 +245,14 @@ class BlobSession:
         self._release_payload = release_payload
         #: owns the write tasks of peer pieces while the session runs
         self._writes: trio.Nursery | None = None
-        #: chunks a peer's piece is being written for: a duplicate of one is dropped
+        #: chunks a peer's piece is being written for: a duplicate of one is dropped, and
+        #: the origin's stream reads past it (one writer per chunk: PartialBlob's rule)
         self._peer_writes: set[int] = set()
+        #: chunks the origin's stream is writing right now: a peer's piece of one is dropped
+        self._origin_writes: set[int] = set()
+        #: set when a peer piece's write task ends: a later piece waits for earlier ones to
+        #: be hashed (``_hash_in_order``)
+        self._peer_write_ended = trio.Event()
         #: disk writes in flight (peers' and the origin's): publish and close wait for none
         self._writing = 0
         self._writes_done = trio.Event()
@@ -318,7 +324,8 @@ class BlobSession:
 
     def _wants_piece(self, peer: str, index: int) -> bool:
         return self.swarm is not None and self._writes is not None and \
-            index not in self._peer_writes and self.swarm.accepts_piece(peer, index)
+            index not in self._peer_writes and index not in self._origin_writes and \
+            self.swarm.accepts_piece(peer, index)
 
     async def piece_from_peer(self, peer: str, index: int, checksum: bytes, payload) -> None:
         """A piece from ``peer``: check its length and xxh3, then hand it to a write task
@@ -338,6 +345,7 @@ class BlobSession:
                 return
             if len(payload) <= INLINE_IO_MAX:
                 self.partial.write(index, 0, payload)
+                self.partial.hash_next_chunk(index, payload)
                 self._committed_from_peer(peer, index, checksum, len(payload))
                 return
             await self._write_slots.acquire()
@@ -354,11 +362,26 @@ class BlobSession:
     async def _write_peer_piece(self, peer: str, index: int, checksum: bytes, payload) -> None:
         try:
             await self.write_in_thread(self.partial.write, index, 0, payload)
+            await self._hash_in_order(index, payload)
         finally:
             self._peer_writes.discard(index)
             self._write_slots.release()
             self._release_payload(payload)
+            self._peer_write_ended.set()
+            self._peer_write_ended = trio.Event()
         self._committed_from_peer(peer, index, checksum, len(payload))
+
+    async def _hash_in_order(self, index: int, payload) -> None:
+        """Feed a written peer piece to the blob's sha256 from its buffer if it continues the
+        hashed prefix, once the pieces just before it, still being written, are hashed: a
+        piece overtaking its predecessor in the other write task would otherwise have to be
+        read back from disk."""
+        partial = self.partial
+        while partial.hashed_chunks < index <= partial.hashed_chunks + PEER_WRITES_IN_FLIGHT \
+                and all(i in self._peer_writes for i in range(partial.hashed_chunks, index)):
+            await self._peer_write_ended.wait()
+        if partial.hashed_chunks == index:
+            await self.write_in_thread(partial.hash_next_chunk, index, payload)
 
     def _committed_from_peer(self, peer: str, index: int, checksum: bytes, length: int) -> None:
         if self.partial.commit(index, checksum):
@@ -547,19 +570,24 @@ class _ChunkWriter:
 
     async def _flush(self) -> None:
         batch, self.pending = self.pending, []
-        if self.session.holds(self.index):
+        session = self.session
+        if session.holds(self.index) or self.index in session._peer_writes:
             # a peer delivered this chunk while it streamed in (the endgame asks a peer for
             # chunks the origin is sending): read past the rest of it, as for a chunk held
             # at its start; the blob may even be published and its partial file closed
             self.skipping = True
             self.uncommitted -= self.position
-            self.session.progress.held -= self.position
+            session.progress.held -= self.position
             return
         if self.position - self.written <= INLINE_IO_MAX:
-            self.session.partial.write_many(self.index, self.written, batch)
+            session.partial.write_many(self.index, self.written, batch)
         else:
-            await self.session.write_in_thread(self.session.partial.write_many, self.index,
-                                               self.written, batch)
+            session._origin_writes.add(self.index)
+            try:
+                await session.write_in_thread(session.partial.write_many, self.index,
+                                              self.written, batch)
+            finally:
+                session._origin_writes.discard(self.index)
         self.written = self.position
 
 

@@ -183,10 +183,57 @@ class PeerLink:
                     await self.stream.send_all(buffer)
                     self.bytes_out += len(buffer)
 
+    async def write_from_file(self, head: bytes, chunk: "OutgoingChunk") -> None:
+        """Send ``head`` and then ``chunk``'s bytes straight from its file by sendfile: no
+        copy through this process, which costs a serving daemon more CPU than anything
+        else it does for a peer."""
+        sock = self.stream.socket
+        offset, end = chunk.offset, chunk.offset + chunk.length
+        async with self.send_lock:
+            with trio.fail_after(SEND_TIMEOUT):
+                await self.stream.send_all(head)
+                self.bytes_out += len(head)
+                while offset < end:
+                    try:
+                        sent = os.sendfile(sock.fileno(), chunk.fd, offset, end - offset)
+                    except BlockingIOError:
+                        await sock.wait_writable()
+                        continue
+                    if not sent:
+                        # the peer expects the whole payload: only closing the link is left
+                        raise ProtocolError(f"chunk file ended {end - offset} bytes early")
+                    offset += sent
+                    self.bytes_out += sent
+                    await trio.lowlevel.checkpoint()
+
     def describe(self) -> dict:
         return {"node_id": self.peer_id, "address": f"{self.host}:{self.listen_port}",
                 "direction": "out" if self.outbound else "in", "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out, "blobs": sorted(self.interested | self.joined)}
+
+
+@dataclass(eq=False)
+class OutgoingChunk:
+    """A chunk to send a peer, with the xxh3 it was committed under: its bytes in memory
+    (``data``), or a file of our own, opened for this send, to ``sendfile`` from."""
+
+    checksum: bytes
+    length: int
+    data: bytes | None = None
+    fd: int | None = None
+    offset: int = 0
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _open_readonly(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 class Node:
@@ -203,6 +250,9 @@ class Node:
         self.listen_port = 0
         self.links: dict[str, PeerLink] = {}
         self.sessions: dict[str, BlobSession] = {}
+        #: blob -> (chunk size, {chunk: xxh3}) of published blobs: a chunk whose xxh3 is
+        #: known is sent by sendfile, without reading it (16 bytes a chunk)
+        self._published_checksums: dict[str, tuple[int, dict[int, bytes]]] = {}
         self.banned: set[str] = set()
         self.counters = NodeCounters()
         self.upload_slots = UploadSlots(config.upload_slots)
@@ -572,11 +622,7 @@ class Node:
                         sending = False
                         link.in_service += 1
                         try:
-                            if self._chunk_length(blob, index) <= INLINE_IO_MAX:
-                                chunk = self._read_chunk(blob, index)
-                            else:
-                                chunk = await trio.to_thread.run_sync(self._read_chunk, blob,
-                                                                      index)
+                            chunk = await self._chunk_to_send(link, blob, index)
                             if chunk is None:
                                 link.send(Reject(blob, index, "missing"))
                             else:
@@ -587,12 +633,18 @@ class Node:
                                 self._served(link)
 
     async def _send_pieces(self, link: PeerLink, pieces: trio.MemoryReceiveChannel) -> None:
-        async for blob, index, (data, checksum) in pieces:
+        async for blob, index, chunk in pieces:
             try:
-                await throttle(self.upload_bucket, len(data))
-                await link.write(link.conn.send_piece(blob, index, checksum, data))
-                self.counters.bytes_to_peers += len(data)
+                await throttle(self.upload_bucket, chunk.length)
+                if chunk.data is not None:
+                    await link.write(link.conn.send_piece(blob, index, chunk.checksum,
+                                                          chunk.data))
+                else:
+                    head = link.conn.send_piece_head(blob, index, chunk.checksum, chunk.length)
+                    await link.write_from_file(head, chunk)
+                self.counters.bytes_to_peers += chunk.length
             finally:
+                chunk.close()
                 self._served(link)
 
     def _served(self, link: PeerLink) -> None:
@@ -613,16 +665,57 @@ class Node:
             return 0
         return ChunkPlan.for_blob(size, self.config.chunk_size).chunk_size
 
-    def _read_chunk(self, blob: str, index: int) -> tuple[bytes, bytes] | None:
-        """(bytes, xxh3) of a chunk we hold, from the partial file or the store; None if
-        we do not hold it. Runs in a worker thread."""
+    async def _chunk_to_send(self, link: PeerLink, blob: str, index: int
+                             ) -> OutgoingChunk | None:
+        """A chunk we hold, for ``link``: opened for sendfile when the link is a socket and
+        the chunk's xxh3 is known, otherwise read (and its xxh3 computed and kept). None if
+        we do not hold it."""
+        if getattr(link.stream, "socket", None) is not None:
+            chunk = self._open_chunk(blob, index)
+            if chunk is not None:
+                return chunk
+        if self._chunk_length(blob, index) <= INLINE_IO_MAX:
+            return self._read_chunk(blob, index)
+        return await trio.to_thread.run_sync(self._read_chunk, blob, index)
+
+    def _open_chunk(self, blob: str, index: int) -> OutgoingChunk | None:
+        """Chunk ``index`` of ``blob`` in a file opened for this send, if we hold it and
+        know its xxh3; None otherwise. Opening is cheap enough for the event loop."""
+        session = self.sessions.get(blob)
+        if session is not None and session.holds(index):
+            checksum = session.partial.checksums.get(index)
+            # our own descriptor: the session's may be closed and its number reused; a
+            # rename at publish leaves an open file as it is
+            fd = _open_readonly(session.partial.data_path) if checksum is not None else None
+            if fd is not None:
+                offset, length = session.plan.span(index)
+                return OutgoingChunk(checksum, length, fd=fd, offset=offset)
+        known = self._published_checksums.get(blob)
+        if known is None or index not in known[1]:
+            return None
+        chunk_size, checksums = known
+        fd = _open_readonly(self.store.blob_path(blob))
+        if fd is None:
+            return None
+        size = os.fstat(fd).st_size
+        plan = ChunkPlan.for_blob(size, self.config.chunk_size)
+        if plan.chunk_size != chunk_size or not 0 <= index < plan.count:
+            os.close(fd)
+            return None
+        offset, length = plan.span(index)
+        return OutgoingChunk(checksums[index], length, fd=fd, offset=offset)
+
+    def _read_chunk(self, blob: str, index: int) -> OutgoingChunk | None:
+        """A chunk we hold read into memory, from the partial file or the store; None if
+        we do not hold it. A chunk of a published blob has its xxh3 kept, so the next send
+        of it can be a sendfile. Runs in a worker thread."""
         session = self.sessions.get(blob)
         try:
             if session is not None and session.holds(index):
                 checksum = session.partial.checksums.get(index)
                 data = session.partial.read_chunk(index)
                 if checksum is not None and session.holds(index):
-                    return data, checksum
+                    return OutgoingChunk(checksum, len(data), data=data)
         except (OSError, ValueError, TypeError, AttributeError):
             pass  # published and closed meanwhile: read it from the store
         try:
@@ -635,7 +728,12 @@ class Node:
                 data = os.pread(file.fileno(), length, offset)
         except (OSError, ValueError):
             return None
-        return data, chunk_checksum(data)
+        checksum = chunk_checksum(data)
+        known = self._published_checksums.get(blob)
+        if known is None or known[0] != plan.chunk_size:
+            known = self._published_checksums[blob] = (plan.chunk_size, {})
+        known[1][index] = checksum
+        return OutgoingChunk(checksum, len(data), data=data)
 
     # -- PeerMessenger: what blob sessions ask of the links -------------------------------
 
@@ -675,6 +773,11 @@ class Node:
     def session_ended(self, session: BlobSession) -> None:
         if self.sessions.get(session.digest) is session:
             del self.sessions[session.digest]
+        partial = session.partial
+        if partial is not None and partial.complete and self.store.has_blob(session.digest):
+            # its chunks' xxh3s, as committed: serving them needs no reading then
+            self._published_checksums[session.digest] = (session.plan.chunk_size,
+                                                         dict(partial.checksums))
 
     def _announce_session(self, link: PeerLink, session: BlobSession) -> None:
         link.send(Interest(session.digest, session.descriptor.size, session.plan.chunk_size))

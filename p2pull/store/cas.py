@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,7 +259,12 @@ class PartialBlob:
 
     ``write`` puts bytes at their place; ``commit`` records a whole chunk as held (after its
     bytes were written and checked). ``advance_hash`` feeds the held prefix to the blob's
-    sha256 as chunks arrive, so ``publish`` at the end has little left to hash."""
+    sha256 as chunks arrive, so ``publish`` at the end has little left to hash;
+    ``hash_next_chunk`` feeds it a chunk that continues the prefix from the caller's buffer
+    instead of reading it back.
+
+    Callers keep one rule that both hashing paths rely on: a chunk's bytes are written by
+    one writer at a time and never again once committed, until ``forget`` starts over."""
 
     def __init__(self, store: Store, digest: str, plan: ChunkPlan, lock_fd: int):
         self.store = store
@@ -277,6 +283,8 @@ class PartialBlob:
         # one buffer for all hashing reads: a fresh multi-MiB bytes per read, freed in
         # whichever worker thread, grew the heap of a 4 GiB pull to 213 MiB (127 reused)
         self._hash_view = memoryview(bytearray(HASH_READ_SIZE))
+        # the hashing thread and writers hashing from their buffers take turns on the sha256
+        self._hash_lock = threading.Lock()
         try:
             self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
             self._load_log()
@@ -367,23 +375,42 @@ class PartialBlob:
         return os.pread(self._fd, length, offset)
 
     def advance_hash(self) -> bool:
-        """Hash held chunks that continue the hashed prefix; True once all are hashed.
-        Runs in a worker thread; only one call at a time."""
-        while (self._hashed_chunks < self.plan.count and self._hashed_chunks in self.bitmap):
-            offset, length = self.plan.span(self._hashed_chunks)
-            end = offset + length
-            while offset < end:
-                view = self._hash_view[:min(HASH_READ_SIZE, end - offset)]
-                count = os.preadv(self._fd, [view], offset)
-                if not count:
-                    raise StoreError(f"{self.data_path} is shorter than expected")
-                self._hasher.update(view[:count])
-                offset += count
-            self._hashed_chunks += 1
-            if end - self._written_back >= WRITEBACK_STEP:
-                start_writeback(self._fd, self._written_back, end - self._written_back)
-                self._written_back = end
-        return self._hashed_chunks == self.plan.count
+        """Hash held chunks that continue the hashed prefix, reading them from the file;
+        True once every chunk is hashed and held. Runs in a worker thread; only one call at
+        a time."""
+        while True:
+            with self._hash_lock:
+                index = self._hashed_chunks
+                if index == self.plan.count or index not in self.bitmap:
+                    return index == self.plan.count and self.bitmap.complete
+                offset, length = self.plan.span(index)
+                end = offset + length
+                while offset < end:
+                    view = self._hash_view[:min(HASH_READ_SIZE, end - offset)]
+                    count = os.preadv(self._fd, [view], offset)
+                    if not count:
+                        raise StoreError(f"{self.data_path} is shorter than expected")
+                    self._hasher.update(view[:count])
+                    offset += count
+                self._prefix_hashed(end)
+
+    def hash_next_chunk(self, index: int, data) -> bool:
+        """Feed chunk ``index`` to the sha256 from ``data``, the bytes just written for it
+        (checked, not yet committed), if it continues the hashed prefix: reading it back
+        later would cost as much as the hash. False, and nothing done, if it does not.
+        May run in a worker thread."""
+        with self._hash_lock:
+            if index != self._hashed_chunks or index in self.bitmap:
+                return False
+            self._hasher.update(data)
+            self._prefix_hashed(self.plan.offset(index) + len(data))
+            return True
+
+    def _prefix_hashed(self, end: int) -> None:
+        self._hashed_chunks += 1
+        if end - self._written_back >= WRITEBACK_STEP:
+            start_writeback(self._fd, self._written_back, end - self._written_back)
+            self._written_back = end
 
     def find_damaged_chunks(self) -> list[int]:
         """Chunks whose bytes on disk no longer match their recorded xxh3 (a torn write
@@ -421,7 +448,7 @@ class PartialBlob:
         """Check the sha256 and move the blob into ``blobs/``. Raises IntegrityError on a
         mismatch (the caller decides whether to refetch) and publishes nothing then."""
         if not self.advance_hash():
-            raise StoreError(f"publish of {self.digest} before all chunks are held")
+            raise StoreError(f"publish of {self.digest} before all chunks are held and hashed")
         actual = "sha256:" + self._hasher.hexdigest()
         if actual != self.digest:
             raise IntegrityError(f"blob {self.digest} hashed to {actual}; nothing was "

@@ -85,13 +85,21 @@ def encode(message: Message) -> bytes:
 def encode_piece(piece: Piece) -> list[bytes | bytearray | memoryview]:
     """The frame of ``piece`` as [length prefix + header, payload]: the payload object itself,
     never copied, for a vectored or second write."""
-    header = _pack(piece)
-    size = memoryview(piece.payload).nbytes
-    return [PREFIX.pack(len(header) + size) + header, piece.payload]
+    return [encode_piece_head(piece, memoryview(piece.payload).nbytes), piece.payload]
 
 
-def _pack(message: Message) -> bytes:
-    header = msgpack.packb(to_header(message), use_bin_type=True)
+def encode_piece_head(piece: Piece, size: int) -> bytes:
+    """The length prefix and header of a Piece frame whose payload is ``size`` bytes that
+    the caller sends itself (``piece.payload`` is not used): a sender can then hand the
+    payload from a file straight to the socket."""
+    if type(size) is not int or not 0 <= size <= MAX_PAYLOAD:
+        raise LocalProtocolError(f"piece payload of {size!r} bytes is not in 0..{MAX_PAYLOAD}")
+    header = _pack(piece, {**to_header(piece), "n": size})
+    return PREFIX.pack(len(header) + size) + header
+
+
+def _pack(message: Message, fields: dict | None = None) -> bytes:
+    header = msgpack.packb(fields or to_header(message), use_bin_type=True)
     if len(header) > MAX_HEADER:  # unreachable with v1's field limits; kept as a guard
         raise LocalProtocolError(f"{message.TYPE} header of {len(header)} bytes exceeds "
                                  f"{MAX_HEADER}")

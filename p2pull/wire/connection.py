@@ -38,7 +38,8 @@ from collections.abc import Callable
 
 from p2pull.core.chunks import PROTOCOL_VERSION
 from p2pull.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from p2pull.wire.codec import NEED_DATA, FrameDecoder, _NeedData, encode, encode_piece
+from p2pull.wire.codec import (NEED_DATA, FrameDecoder, _NeedData, encode, encode_piece,
+                              encode_piece_head)
 from p2pull.wire.messages import (
     Auth,
     Bitmap,
@@ -173,6 +174,15 @@ class PeerConnection:
             self._transition(US, Piece)
             buffers[0] = self.data_to_send() + buffers[0]
             return buffers
+
+    def send_piece_head(self, blob: str, index: int, checksum: bytes, size: int) -> bytes:
+        """The start of a Piece frame (queued bytes + length prefix + header) whose payload,
+        exactly ``size`` bytes, the caller writes right after it itself (by sendfile)."""
+        self._check_usable()
+        with self._failing():
+            head = encode_piece_head(Piece(blob, index, checksum, b""), size)
+            self._transition(US, Piece)
+            return self.data_to_send() + head
 
     def data_to_send(self) -> bytes:
         """Drain what the connection queued by itself (our Auth): b"" when nothing is."""
