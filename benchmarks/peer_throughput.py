@@ -451,6 +451,8 @@ class Run:
     counted: bool = True
     verified: bool = False
     note: str = ""
+    #: p2pull: B's log line on the blob's publish (chunks hashed from receive buffers)
+    published: str = ""
 
     @property
     def rate(self) -> float:
@@ -486,6 +488,8 @@ def print_run(run: Run) -> None:
             "the last; ".format(*run.phases))
         print(f"{'':15}{phases}CPU: B {run.cpu_b:.2f} s, A {run.cpu_a:.2f} s; origin served "
               f"B {run.origin_served} bytes", flush=True)
+    if run.published:
+        print(f"{'':15}B: {run.published}", flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -634,11 +638,21 @@ def p2pull_round(work: Path, n: int, a: Daemon, origin: LayoutOrigin, ref: str,
                         f"{served}")
         verify_output(output, [blob])
         run.verified = True
+        run.published = published_line(b.log_path, blob.digest)
         return run
     finally:
         b.stop()
         remove(output)
         remove(b.dir)
+
+
+def published_line(log_path: Path, digest: str) -> str:
+    """What a daemon's log says about the publish of ``digest`` ("" if nothing)."""
+    with contextlib.suppress(OSError):
+        for line in reversed(log_path.read_text(errors="replace").splitlines()):
+            if f"{digest} published" in line:
+                return line.split(" published: ", 1)[-1]
+    return ""
 
 
 @contextlib.contextmanager

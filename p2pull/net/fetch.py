@@ -54,10 +54,13 @@ PEER_WRITES_IN_FLIGHT = 2
 #: worker thread and back (a GIL hand-off each way), which on a busy machine dominated
 #: the CPU of a daemon moving small chunks
 INLINE_IO_MAX = 512 * 1024
-#: chunks just past the sha256's prefix that are marked urgent: the hash is a streaming
-#: reader too, and a blob whose chunks arrive in random order would otherwise be hashed
-#: only after its last chunk, one core busy for size / 1.5 GB/s at the end
-HASH_URGENT_AHEAD = 4
+#: chunks just past the sha256's prefix that are marked urgent, in pipelines of a peer: the
+#: hash is a streaming reader too, and a blob whose chunks arrive in random order would be
+#: hashed only after its last chunk, one core busy for size / 1.5 GB/s at the end. Twice a
+#: pipeline keeps a peer that holds everything sending in order: when a piece lands, its
+#: pipeline's other requests are urgent chunks already, so the next pick is the next
+#: urgent one, not a random chunk (and in order, a piece is hashed from its buffer)
+HASH_URGENT_PIPELINES = 2
 #: the largest range asked in one request: a broken connection costs at most a resume, but
 #: a long request keeps a slow connection busy at the tail of a blob
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
@@ -250,9 +253,9 @@ class BlobSession:
         self._peer_writes: set[int] = set()
         #: chunks the origin's stream is writing right now: a peer's piece of one is dropped
         self._origin_writes: set[int] = set()
-        #: set when a peer piece's write task ends: a later piece waits for earlier ones to
-        #: be hashed (``_hash_in_order``)
-        self._peer_write_ended = trio.Event()
+        #: set when the sha256's prefix may have moved (a peer piece's write task ended, the
+        #: hashing thread returned): a piece just past it waits for it (``_hash_in_order``)
+        self._prefix_may_move = trio.Event()
         #: disk writes in flight (peers' and the origin's): publish and close wait for none
         self._writing = 0
         self._writes_done = trio.Event()
@@ -281,6 +284,8 @@ class BlobSession:
                                self.swarm_config, self.rng)
         if not self.swarm.complete:
             self.progress.state = "fetching"
+            # before any peer joins: its first requests are then in order too
+            self._mark_urgent(self.partial.hashed_chunks)
             await self._find_host(pool.origin)
             self.messenger.session_started(self)
             # who is responsible for what depends on who else wants the blob: hear
@@ -367,19 +372,23 @@ class BlobSession:
             self._peer_writes.discard(index)
             self._write_slots.release()
             self._release_payload(payload)
-            self._peer_write_ended.set()
-            self._peer_write_ended = trio.Event()
+            self._prefix_may_move_now()
         self._committed_from_peer(peer, index, checksum, len(payload))
+
+    def _prefix_may_move_now(self) -> None:
+        self._prefix_may_move.set()
+        self._prefix_may_move = trio.Event()
 
     async def _hash_in_order(self, index: int, payload) -> None:
         """Feed a written peer piece to the blob's sha256 from its buffer if it continues the
-        hashed prefix, once the pieces just before it, still being written, are hashed: a
-        piece overtaking its predecessor in the other write task would otherwise have to be
-        read back from disk."""
+        hashed prefix, once the chunks just before it are hashed, when each of them is held
+        or being written: a piece that overtook its predecessor in the other write task, or
+        the hashing thread, would otherwise be read back from disk."""
         partial = self.partial
-        while partial.hashed_chunks < index <= partial.hashed_chunks + PEER_WRITES_IN_FLIGHT \
-                and all(i in self._peer_writes for i in range(partial.hashed_chunks, index)):
-            await self._peer_write_ended.wait()
+        while partial.hashed_chunks < index <= partial.hashed_chunks + self._urgent_span() \
+                and all(i in self._peer_writes or i in partial.bitmap
+                        for i in range(partial.hashed_chunks, index)):
+            await self._prefix_may_move.wait()
         if partial.hashed_chunks == index:
             await self.write_in_thread(partial.hash_next_chunk, index, payload)
 
@@ -452,17 +461,21 @@ class BlobSession:
             # a worker thread only when the prefix can grow: most commits land elsewhere
             frontier_held = partial.hashed_chunks == self.plan.count or \
                 partial.hashed_chunks in partial.bitmap
-            if frontier_held and await trio.to_thread.run_sync(partial.advance_hash):
-                break
+            if frontier_held:
+                done = await trio.to_thread.run_sync(partial.advance_hash)
+                self._prefix_may_move_now()
+                if done:
+                    break
             if partial.hashed_chunks != frontier:
                 frontier = partial.hashed_chunks
-                ahead = range(frontier, min(frontier + HASH_URGENT_AHEAD, self.plan.count))
-                self.apply(Urgent(tuple(i for i in ahead if not self.holds(i))))
+                self._mark_urgent(frontier)
             await self._committed.wait()
         self.progress.state = "verifying"
         await self._until_writes_done()
         try:
             await trio.to_thread.run_sync(partial.publish)
+            log.info("%s published: %d chunks, %d hashed from receive buffers", self.digest,
+                     self.plan.count, partial.hashed_from_buffers)
             return True
         except IntegrityError as exc:
             self._integrity_failures += 1
@@ -492,6 +505,19 @@ class BlobSession:
         self.progress.state = "fetching"
         self.apply(BlobCorrupt(refetch))
         return False
+
+    def _urgent_span(self) -> int:
+        return HASH_URGENT_PIPELINES * self.swarm_config.pipeline_depth
+
+    def _mark_urgent(self, frontier: int) -> None:
+        """Mark the first chunks we miss from ``frontier`` on (the sha256's prefix) urgent."""
+        ahead = []
+        for index in range(frontier, self.plan.count):
+            if len(ahead) == self._urgent_span():
+                break
+            if not self.holds(index):
+                ahead.append(index)
+        self.apply(Urgent(tuple(ahead)))
 
     async def fetch_from_origin(self, first: int, count: int, pool: _OriginPool) -> None:
         """Fetch chunks ``first .. first+count-1`` with one HTTP Range request, write them as

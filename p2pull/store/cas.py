@@ -285,6 +285,8 @@ class PartialBlob:
         self._hash_view = memoryview(bytearray(HASH_READ_SIZE))
         # the hashing thread and writers hashing from their buffers take turns on the sha256
         self._hash_lock = threading.Lock()
+        #: chunks fed to the sha256 from a writer's buffer rather than read back
+        self.hashed_from_buffers = 0
         try:
             self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
             self._load_log()
@@ -404,6 +406,7 @@ class PartialBlob:
                 return False
             self._hasher.update(data)
             self._prefix_hashed(self.plan.offset(index) + len(data))
+            self.hashed_from_buffers += 1
             return True
 
     def _prefix_hashed(self, end: int) -> None:
