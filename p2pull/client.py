@@ -4,7 +4,6 @@ embedded node for the duration of the call: one way to fetch either way."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -12,13 +11,12 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
 import trio
 
-from p2pull import errors
+from p2pull import api_client
 from p2pull.config import Config, load_config
 from p2pull.core.refs import Ref, parse_ref
-from p2pull.errors import OriginUnavailable, P2pullError, UsageError, first_error
+from p2pull.errors import OriginUnavailable, UsageError, first_error
 from p2pull.origin.manifest import (INDEX_MEDIA_TYPES, Manifest, Platform, load_document,
                                     parse_manifest)
 from p2pull.store.cas import RefRecord, Store
@@ -31,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("p2pull")
 
-FORMATS = ("files", "oci-layout")
+FORMATS = api_client.GET_FORMATS
 
 
 @dataclass(frozen=True)
@@ -137,70 +135,34 @@ def result_summary(result: GetResult) -> dict:
 
 # -- the daemon's local API ---------------------------------------------------------------
 
-def _api_client(config: Config, timeout: float | None = 5.0) -> httpx.AsyncClient:
-    transport = httpx.AsyncHTTPTransport(uds=str(config.socket))
-    return httpx.AsyncClient(transport=transport, base_url="http://p2pull", timeout=timeout)
-
-
 async def daemon_running(config: Config) -> bool:
-    if not config.socket.exists():
-        return False
-    try:
-        async with _api_client(config, timeout=2.0) as api:
-            return (await api.get("/status")).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return await trio.to_thread.run_sync(api_client.running, config.socket)
 
 
 async def daemon_request(config: Config, path: str, body: dict | None = None):
     """GET ``path`` of the daemon's API (POST ``body`` if given); UsageError when no daemon
     answers, the daemon's error as its own class."""
-    try:
-        async with _api_client(config) as api:
-            if body is None:
-                response = await api.get(path)
-            else:
-                response = await api.post(path, json=body)
-    except httpx.HTTPError as exc:
-        raise UsageError(f"no p2pull daemon answers on {config.socket}: start one with "
-                         "`p2pull daemon`") from exc
-    answer = response.json()
-    if response.status_code != 200:
-        raise _error_from_daemon(answer.get("error", {}))
-    return answer
+    return await trio.to_thread.run_sync(api_client.request, config.socket, path, body)
 
 
 async def _get_via_daemon(config: Config, ref: str, output, platform, force, format,
                           progress: Progress) -> GetResult:
-    body = {"ref": ref, "output": str(Path(output).absolute()) if output else None,
-            "platform": platform, "force": force, "format": format}
-    async with _api_client(config, timeout=None) as api:
-        async with api.stream("POST", "/get", json=body) as response:
-            async for line in response.aiter_lines():
-                if not line.strip():
-                    continue
-                message = json.loads(line)
-                if "progress" in message:
-                    for digest, blob in message["progress"].items():
-                        progress.blobs[digest] = BlobProgress(**blob)
-                elif "error" in message:
-                    raise _error_from_daemon(message["error"])
-                elif "result" in message:
-                    result = message["result"]
-                    return GetResult(parse_ref(result["ref"]), result["manifest"],
-                                     Path(result["output"]) if result["output"] else None,
-                                     result["bytes"], result["from_origin"],
-                                     result["from_peers"], result["reused"],
-                                     result["seconds"], result["offline"])
-    raise P2pullError("the daemon ended the get without a result; see its log")
+    def show(blobs: dict) -> None:
+        for digest, blob in blobs.items():
+            progress.blobs[digest] = BlobProgress(**blob)
+
+    summary = await trio.to_thread.run_sync(
+        partial(api_client.get, config.socket, ref, output=output, platform=platform,
+                force=force, format=format, on_progress=show), abandon_on_cancel=True)
+    return result_from_summary(summary)
 
 
-def _error_from_daemon(error: dict) -> P2pullError:
-    """The daemon's error as the same class here, so the exit code is the same."""
-    kind = getattr(errors, error.get("type", ""), P2pullError)
-    if not (isinstance(kind, type) and issubclass(kind, P2pullError)):
-        kind = P2pullError
-    return kind(error.get("message", "the daemon reported an error"))
+def result_from_summary(summary: dict) -> GetResult:
+    """The GetResult of ``result_summary``'s dict (the daemon's answer)."""
+    return GetResult(parse_ref(summary["ref"]), summary["manifest"],
+                     Path(summary["output"]) if summary["output"] else None,
+                     summary["bytes"], summary["from_origin"], summary["from_peers"],
+                     summary["reused"], summary["seconds"], summary["offline"])
 
 
 def _materialise(store: Store, manifest: Manifest, ref: Ref, out: Path, format: str,

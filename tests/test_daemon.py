@@ -20,9 +20,10 @@ from tests.support.registry import free_port, make_oci_layout
 STARTUP_SECONDS = 20
 
 
-def cli(*args, env, timeout=60):
-    return subprocess.run([sys.executable, "-m", "p2pull", *args], env=env, text=True,
-                          capture_output=True, timeout=timeout)
+def cli(*args, env, timeout=60, python_args=False):
+    """``p2pull ARGS``; with ``python_args``, ARGS go to Python itself (``-X ... -m ...``)."""
+    command = [sys.executable, *args] if python_args else [sys.executable, "-m", "p2pull", *args]
+    return subprocess.run(command, env=env, text=True, capture_output=True, timeout=timeout)
 
 
 def start_daemon(data_dir, **settings):
@@ -88,6 +89,28 @@ def test_get_through_the_daemon_reports_status_and_metrics(daemon, tmp_path):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=10) == 0
     assert not socket_path.exists()
+
+
+#: what a CLI talking to its daemon must not import: each costs CPU at the start of every
+#: node's `p2pull get` (trio and httpx together ~0.25 s), when the cluster is busiest
+HEAVY_MODULES = ("trio", "httpx", "rich", "zeroconf", "p2pull.net", "p2pull.core.swarm")
+
+
+def test_get_status_and_peers_through_the_daemon_import_no_event_loop(daemon, tmp_path):
+    _process, env, _ = daemon
+    make_oci_layout(tmp_path / "layout", {"w.bin": os.urandom(300_000)}, tag="v1")
+    with LayoutOrigin(tmp_path / "layout") as origin:
+        runs = [cli("-X", "importtime", "-m", "p2pull", *args, env=env, python_args=True)
+                for args in (("get", f"{origin.host}/m:v1", "--json"), ("status",),
+                             ("peers", "--json"))]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+        imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines()
+                    if line.startswith("import time:")}
+        heavy = sorted(m for m in imported
+                       if any(m == h or m.startswith(h + ".") for h in HEAVY_MODULES))
+        assert heavy == [], run.args
+    assert json.loads(runs[0].stdout)["bytes"] >= 300_000
 
 
 def test_errors_come_back_through_the_daemon_with_their_exit_code(daemon, tmp_path):
