@@ -54,12 +54,16 @@ PEER_WRITES_IN_FLIGHT = 2
 #: worker thread and back (a GIL hand-off each way), which on a busy machine dominated
 #: the CPU of a daemon moving small chunks
 INLINE_IO_MAX = 512 * 1024
-#: chunks just past the sha256's prefix that are marked urgent, in pipelines of a peer: the
-#: hash is a streaming reader too, and a blob whose chunks arrive in random order would be
-#: hashed only after its last chunk, one core busy for size / 1.5 GB/s at the end. Twice a
-#: pipeline keeps a peer that holds everything sending in order: when a piece lands, its
-#: pipeline's other requests are urgent chunks already, so the next pick is the next
-#: urgent one, not a random chunk (and in order, a piece is hashed from its buffer)
+#: chunks just past the sha256's prefix that are marked urgent: the hash is a streaming
+#: reader too, and a blob whose chunks arrive in random order would be hashed only after
+#: its last chunk, one core busy for size / 1.25 GB/s at the end. Few, so that peers still
+#: fetch the rarest chunks first: with every node wanting the same chunks first, the nodes
+#: hold the same chunks and have little to give each other.
+HASH_URGENT_CHUNKS = 4
+#: ... but with one peer or none (a seed serving a blob, an origin) rarity spreads nothing,
+#: and this many pipelines of a peer are urgent: when a piece lands, its pipeline's other
+#: requests are urgent chunks already, so the next pick is the next urgent one, not a
+#: random chunk; the blob arrives in order and is hashed from the receive buffers
 HASH_URGENT_PIPELINES = 2
 #: the largest range asked in one request: a broken connection costs at most a resume, but
 #: a long request keeps a slow connection busy at the tail of a blob
@@ -284,8 +288,9 @@ class BlobSession:
                                self.swarm_config, self.rng)
         if not self.swarm.complete:
             self.progress.state = "fetching"
-            # before any peer joins: its first requests are then in order too
-            self._mark_urgent(self.partial.hashed_chunks)
+            # before any peer joins, so that its first requests are in order too; how many
+            # peers there are is not known yet
+            self._mark_urgent(self.partial.hashed_chunks, HASH_URGENT_CHUNKS)
             await self._find_host(pool.origin)
             self.messenger.session_started(self)
             # who is responsible for what depends on who else wants the blob: hear
@@ -365,12 +370,17 @@ class BlobSession:
                 self._release_payload(payload)
 
     async def _write_peer_piece(self, peer: str, index: int, checksum: bytes, payload) -> None:
+        slot_held = True
         try:
             await self.write_in_thread(self.partial.write, index, 0, payload)
+            # the links' readers go on while this piece waits its turn for the sha256
+            self._write_slots.release()
+            slot_held = False
             await self._hash_in_order(index, payload)
         finally:
             self._peer_writes.discard(index)
-            self._write_slots.release()
+            if slot_held:
+                self._write_slots.release()
             self._release_payload(payload)
             self._prefix_may_move_now()
         self._committed_from_peer(peer, index, checksum, len(payload))
@@ -507,13 +517,17 @@ class BlobSession:
         return False
 
     def _urgent_span(self) -> int:
-        return HASH_URGENT_PIPELINES * self.swarm_config.pipeline_depth
+        if len(self.swarm.peers) > 1:
+            return HASH_URGENT_CHUNKS
+        return max(HASH_URGENT_CHUNKS, HASH_URGENT_PIPELINES * self.swarm_config.pipeline_depth)
 
-    def _mark_urgent(self, frontier: int) -> None:
-        """Mark the first chunks we miss from ``frontier`` on (the sha256's prefix) urgent."""
+    def _mark_urgent(self, frontier: int, span: int | None = None) -> None:
+        """Mark the first ``span`` chunks we miss from ``frontier`` on (the sha256's
+        prefix) urgent."""
+        span = span or self._urgent_span()
         ahead = []
         for index in range(frontier, self.plan.count):
-            if len(ahead) == self._urgent_span():
+            if len(ahead) == span:
                 break
             if not self.holds(index):
                 ahead.append(index)
