@@ -6,7 +6,9 @@ What is modelled, as the daemon does it (``p2pull/net/node.py``, ``p2pull/net/fe
 - A request travels to its peer in rtt/2 and joins that connection's FIFO queue. A connection
   sends one chunk at a time; each chunk takes one of the sender's ``upload_slots``
   (``UploadSlots``, the real class), acquired when it starts and released when it ends; a
-  request that finds no slot is answered ``busy`` (the requester backs off). The piece
+  request that finds no slot is answered ``busy`` (the requester backs off), or with
+  ``nodes.when_busy = "queue"`` waits at the sender until a slot frees (not what the daemon
+  does today: what it could do to avoid busy storms). The piece
   arrives rtt/2 after its last byte left. A cancel removes a request still queued.
 - Origin fetches (``FetchFromOrigin``) join the node's origin queue, shared by its blobs, in
   the order the swarms decided them; ``origin.connections`` connections each take the next
@@ -121,11 +123,12 @@ def neighbour_graph(count: int, degree: int, rng: random.Random,
 class _Connection:
     """The requests one node queued from one peer, served in order, one chunk at a time."""
 
-    __slots__ = ("queue", "flow")
+    __slots__ = ("queue", "flow", "waiting")
 
     def __init__(self):
         self.queue: deque = deque()
         self.flow = -1  # the flow sending its current chunk, -1 when idle
+        self.waiting = False  # in its sender's queue for an upload slot (when_busy "queue")
 
 
 class ChunkEngine:
@@ -144,7 +147,6 @@ class ChunkEngine:
         self.names = [node_name(i) for i in range(n)]
         self.full_membership = sc.membership == "all"
         self.ids = {name: i for i, name in enumerate(self.names)}
-        self._alive_events = [PeerAlive(name) for name in self.names]
         self._progress_events = [PeerAlive(name, progressed=True) for name in self.names]
         self.ups, self.downs = sc.node_links()
         self.group_of = [g for g, group in enumerate(sc.groups) for _ in range(group.count)]
@@ -196,6 +198,9 @@ class ChunkEngine:
         self.awaiting = [0] * n
         self.blobs_left = [len(self.blobs)] * n
         self.slots = [UploadSlots(sc.upload_slots) for _ in range(n)]
+        self.queue_when_busy = sc.when_busy == "queue"
+        #: per sender, the requesters whose connection waits for an upload slot, in order
+        self.slot_waiters: list[deque] = [deque() for _ in range(n)]
         self.origin_queue: list[deque] = [deque() for _ in range(n)]
         self.origin_active = [0] * n
         self.conns: dict[int, _Connection] = {}
@@ -211,6 +216,15 @@ class ChunkEngine:
         self.busy = 0
         self.events = 0
         self._alive_at: dict[int, float] = {}
+        self._joined_cache: dict[tuple[int, int], tuple[int, PeerJoined]] = {}
+        # what the pings tell, per node rather than per swarm and peer (the swarms read it
+        # through their ``liveness``): keepalive k happened at _keepalive_times[k]; a node
+        # was last seen alive at keepalive _alive_round[i], moving at _moving_round[i]; a
+        # node hears the pings from keepalive _ticking_round[i] + 1 on
+        self._keepalive_times = [-math.inf]
+        self._alive_round = [0] * n
+        self._moving_round = [0] * n
+        self._ticking_round = [0] * n
         self._heap: list = []
         self._seq = 0
         self._net_scheduled = False
@@ -346,9 +360,10 @@ class ChunkEngine:
 
     def _on_arrive(self, node: int, _b, _c, now: float) -> None:
         self.present[node] = True
+        liveness = self._liveness_of(node)
         self.swarms[node] = [
             BlobSwarm(digest, plan, self.names[node], Bitmap(plan.count), self.config,
-                      random.Random(self.rng.getrandbits(64)))
+                      random.Random(self.rng.getrandbits(64)), liveness)
             for digest, plan in zip(self.blobs, self.plans)]
         linked = self.graph[node] if not self.full_membership else \
             [peer for peer in range(self.n) if peer != node] if self.scenario.uses_peers else []
@@ -369,11 +384,9 @@ class ChunkEngine:
         is the answer to our own interest."""
         if not (self.present[told] and self.present[starting]):
             return
-        name = self.names[starting]
         swarms = self.swarms[told]
         for b, swarm in enumerate(swarms):
-            bitmap = self.swarms[starting][b].held
-            acts = swarm.handle(PeerJoined(name, bitmap), now)
+            acts = swarm.handle(self._joined_event(starting, b), now)
             if acts:
                 self._apply(told, b, acts, now)
         self.known[told][starting] = None
@@ -386,10 +399,23 @@ class ChunkEngine:
             if not self.awaiting[told]:
                 self._on_first_tick(told, None, None, now)
 
+    def _joined_event(self, node: int, blob: int) -> PeerJoined:
+        """``node``'s interest in ``blob`` with its bitmap now: one event shared by every
+        peer told while the node's holdings stay the same (a start tells all N-1 peers at
+        once with membership "all")."""
+        held = self.swarms[node][blob].missing_count
+        cached = self._joined_cache.get((node, blob))
+        if cached is not None and cached[0] == held:
+            return cached[1]
+        event = PeerJoined(self.names[node], self.swarms[node][blob].held)
+        self._joined_cache[(node, blob)] = (held, event)
+        return event
+
     def _on_first_tick(self, node: int, _b, _c, now: float) -> None:
         if not self.present[node] or self.ticking[node]:
             return
         self.ticking[node] = True
+        self._ticking_round[node] = len(self._keepalive_times) - 1
         self._tick_node(node, now)
 
     def _on_tick(self, _a, _b, _c, now: float) -> None:
@@ -400,22 +426,44 @@ class ChunkEngine:
 
     def _on_keepalive(self, _a, _b, _c, now: float) -> None:
         """Every linked peer answers the daemon's Ping: each swarm still fetching hears that
-        its peers are alive (in the simulator a present peer is always alive)."""
-        alive = self._alive_events
-        progress = self._progress_events
+        its peers are alive (in the simulator a present peer is always alive), and that
+        those that announced a chunk since the last ping made progress. Recorded once per
+        node, not sent to every swarm as ``PeerAlive`` about every peer (N^2 events a
+        round): the swarms ask ``_liveness_of`` when they decide an orphan."""
+        times = self._keepalive_times
+        times.append(now)
+        round_ = len(times) - 1
         recent = now - self.keepalive
-        moving = [progress[i] if self.last_progress[i] >= recent else alive[i]
-                  for i in range(self.n)]
-        for node in range(self.n):
-            if not self.ticking[node]:
-                continue
-            for swarm in self.swarms[node]:
-                if not swarm.complete:
-                    handle = swarm.handle
-                    for peer in self.known[node]:
-                        handle(moving[peer], now)
+        present = self.present
+        last_progress = self.last_progress
+        alive_round = self._alive_round
+        moving_round = self._moving_round
+        for i in range(self.n):
+            if present[i]:
+                alive_round[i] = round_
+                if last_progress[i] >= recent:
+                    moving_round[i] = round_
         if self.expected:
             self._push(now + self.keepalive, _KEEPALIVE)
+
+    def _liveness_of(self, node: int):
+        """What the pings told ``node``'s swarms about a peer: (last heard, last moving),
+        counting only the pings since ``node`` began ticking (before that the daemon's
+        swarm is not told either). -inf: nothing yet."""
+        ids = self.ids
+        times = self._keepalive_times
+        alive_round = self._alive_round
+        moving_round = self._moving_round
+        ticking_round = self._ticking_round
+
+        def liveness(name: str) -> tuple[float, float]:
+            peer = ids[name]
+            start = ticking_round[node]
+            heard = alive_round[peer]
+            moved = moving_round[peer]
+            return (times[heard] if heard > start else -math.inf,
+                    times[moved] if moved > start else -math.inf)
+        return liveness
 
     def _tick_node(self, node: int, now: float) -> None:
         tick = Tick()
@@ -439,6 +487,7 @@ class ChunkEngine:
         self.present[node] = False
         self.ticking[node] = False
         self.origin_queue[node].clear()
+        self.slot_waiters[node].clear()
         self.expected.discard(node)
         for fid in list(self.node_flows[node]):
             self._cut(fid, now)
@@ -465,7 +514,7 @@ class ChunkEngine:
         if conn is None:
             conn = self.conns[key] = _Connection()
         conn.queue.append(item)
-        if conn.flow < 0:
+        if conn.flow < 0 and not conn.waiting:
             self._serve(sender, requester, conn, now)
 
     def _on_cancel(self, sender: int, requester: int, item, now: float) -> None:
@@ -492,6 +541,11 @@ class ChunkEngine:
                            PieceFailed(name, index, "rejected"))
                 continue
             if not slots.try_acquire(requester_name):
+                if self.queue_when_busy:
+                    queue.appendleft((blob, index))
+                    conn.waiting = True
+                    self.slot_waiters[sender].append(requester)
+                    return
                 self.busy += 1
                 self._push(now + self.half_rtt, _DELIVER, requester, blob,
                            PieceFailed(name, index, "busy"))
@@ -572,8 +626,26 @@ class ChunkEngine:
                    PieceVerified(self.names[sender], index, nbytes))
         conn = self.conns[sender * self.n + requester]
         conn.flow = -1
-        if conn.queue:
+        if self.slot_waiters[sender]:
+            # others wait for a slot: this connection's next chunk queues behind them
+            if conn.queue:
+                conn.waiting = True
+                self.slot_waiters[sender].append(requester)
+            self._grant_slots(sender, now)
+        elif conn.queue:
             self._serve(sender, requester, conn, now)
+
+    def _grant_slots(self, sender: int, now: float) -> None:
+        """Free upload slots go to the connections waiting for one, first come first."""
+        waiters = self.slot_waiters[sender]
+        slots = self.slots[sender]
+        n = self.n
+        while waiters and slots.free:
+            requester = waiters.popleft()
+            conn = self.conns[sender * n + requester]
+            conn.waiting = False
+            if conn.flow < 0 and conn.queue:
+                self._serve(sender, requester, conn, now)
 
     def _cut(self, fid: int, now: float) -> None:
         """A flow whose sender or receiver left: no piece arrives."""
@@ -582,6 +654,8 @@ class ChunkEngine:
             conn = self.conns[sender * self.n + requester]
             conn.flow = -1
             conn.queue.clear()
+            if self.present[sender] and self.slot_waiters[sender]:
+                self._grant_slots(sender, now)
 
     def _on_net(self, _a, _b, _c, now: float) -> None:
         if not self.net.active_count:
@@ -607,7 +681,7 @@ class ChunkEngine:
         n = self.n
         sent = self._sent_samples
         times = self._samples
-        origin_series, utilisation, mean_util = [], [], []
+        origin_series, utilisation = [], []
         for k in range(1, len(times)):
             span = times[k] - times[k - 1]
             if span <= 0:

@@ -30,6 +30,7 @@ SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 #: what each strategy changes in the swarm (``SwarmConfig``) and in the graph of peers
 STRATEGIES = ("origin-only", "peers-no-dedup", "p2pull")
 ARRIVAL_MODES = ("all", "staggered", "churn")
+WHEN_BUSY = ("answer", "queue")
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -96,6 +97,10 @@ class Scenario:
     neighbours: int
     #: chunks a node sends at once (``UploadSlots``; the daemon's ``upload_slots``)
     upload_slots: int
+    #: a request finding no free upload slot: ``answer`` busy (the daemon today; the
+    #: requester backs the peer off), or ``queue`` it until a slot frees (slots then go
+    #: round robin, one chunk at a time, among the connections waiting)
+    when_busy: str
     #: ``all``: every node's swarm knows every other node (joins, liveness and progress:
     #: what the daemon's full mesh gives, so origin duty is shared over the whole cluster)
     #: while Haves, requests and chunks go between neighbours only; ``neighbours``: a node
@@ -212,7 +217,7 @@ def from_dict(data: dict[str, Any], name: str = "scenario") -> Scenario:
                     "artifact", "swarm", "sim"}, "top level")
     nodes = _table(data, "nodes")
     _unknown(nodes, {"count", "up", "down", "rate", "rtt", "neighbours", "upload_slots",
-                     "membership", "groups"}, "nodes")
+                     "when_busy", "membership", "groups"}, "nodes")
     default_rate = nodes.get("rate", "1Gbit")
     if "groups" in nodes:
         groups = tuple(
@@ -277,6 +282,7 @@ def from_dict(data: dict[str, Any], name: str = "scenario") -> Scenario:
         rtt=parse_time(nodes.get("rtt", "0.5ms")),
         neighbours=int(nodes.get("neighbours", 40)),
         upload_slots=int(nodes.get("upload_slots", 8)),
+        when_busy=str(nodes.get("when_busy", "answer")),
         membership=str(nodes.get("membership", "all")),
         racks=int(racks.get("count", 1)),
         oversubscription=float(racks.get("oversubscription", 1.0)),
@@ -308,6 +314,9 @@ def from_dict(data: dict[str, Any], name: str = "scenario") -> Scenario:
 def _check(scenario: Scenario) -> None:
     if scenario.membership not in ("all", "neighbours"):
         raise ValueError("nodes.membership: all or neighbours")
+    if scenario.when_busy not in WHEN_BUSY:
+        raise ValueError(f"nodes.when_busy {scenario.when_busy!r}: one of "
+                         f"{', '.join(WHEN_BUSY)}")
     if scenario.upload_slots < 1 or scenario.origin_connections < 1:
         raise ValueError("upload_slots and origin.connections must be at least 1")
     if scenario.racks < 1 or scenario.racks > scenario.node_count:
@@ -335,6 +344,7 @@ ALIASES = {
     "count": "nodes.count", "rate": "nodes.rate", "origin_up": "origin.up",
     "oversubscription": "racks.oversubscription", "racks": "racks.count",
     "neighbours": "nodes.neighbours", "membership": "nodes.membership",
+    "when_busy": "nodes.when_busy",
     "size": "artifact.size", "rtt": "nodes.rtt", "seed": "seed",
 }
 

@@ -231,6 +231,19 @@ def test_origin_only_takes_every_byte_from_the_origin_n_times():
                                     rel=0.05)
 
 
+def test_queueing_at_a_busy_sender_answers_nothing_busy():
+    # 12 nodes with 2 upload slots each: answered busy, many requests bounce; queued at
+    # the sender, none does, and every byte still comes from the origin once
+    overrides = ["nodes.count=12", "nodes.upload_slots=2"]
+    answered = chunk_engine.run(load("tiny", overrides))
+    queued = chunk_engine.run(load("tiny", overrides + ['when_busy="queue"']))
+    assert answered["stats"]["busy"] > 0 and queued["stats"]["busy"] == 0
+    assert all(node["seconds"] is not None for node in queued["nodes"])
+    assert queued["origin_bytes"] == queued["size_bytes"]
+    t_min = queued["bound"]["t_min_seconds"]
+    assert max(node["seconds"] for node in queued["nodes"]) < 3 * t_min
+
+
 def test_without_dedup_the_origin_sends_more():
     scenario = load("tiny", ["strategy=peers-no-dedup"])
     result = chunk_engine.run(scenario)

@@ -211,6 +211,32 @@ def test_a_live_responsible_node_that_makes_no_progress_is_not_waited_for_ever()
     assert fetched == set(range(40))
 
 
+def test_liveness_from_the_driver_counts_as_peer_alive():
+    """A driver that tracks liveness itself (``liveness``) gets the decisions it would get by
+    sending PeerAlive: "a" is waited for while the driver saw it, and not once it goes
+    quiet."""
+    seen = {"a": (0.0, 0.0)}
+    theirs = {i for i in range(40) if responsible_node(BLOB, i, ["me", "a"]) == "a"}
+    s = BlobSwarm(BLOB, plan(40), "me", Bitmap(40),
+                  SwarmConfig(max_origin_in_flight=100, origin_wait_limit=2.0,
+                              origin_stall_limit=10.0),
+                  random.Random(0), liveness=seen.__getitem__)
+    s.handle(PeerJoined("a", Bitmap(40)), 0.0)
+    fetched = {a.index for a in of(s.handle(Tick(), 0.0), FetchFromOrigin)}
+    assert not fetched & theirs
+    for index in fetched:
+        s.handle(PieceVerified(None, index, CHUNK), 0.5)
+    now = 0.5
+    while now < 5.0:  # the driver hears from "a", progressing: waited for
+        now += 0.5
+        seen["a"] = (now, now)
+        fetched |= {a.index for a in of(s.handle(Tick(), now), FetchFromOrigin)}
+        assert not fetched & theirs, now
+    now += 2.5  # then silence for longer than origin_wait_limit
+    fetched |= {a.index for a in of(s.handle(Tick(), now), FetchFromOrigin)}
+    assert theirs <= fetched
+
+
 def test_a_slow_origin_lengthens_the_stall_limit():
     """Our own origin chunks take 8 s each (a large chunk shared by many connections):
     a member without progress is given three such times, not the 10 s floor."""

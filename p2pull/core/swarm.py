@@ -361,25 +361,42 @@ class BlobSwarm:
                 if event.progressed:
                     peer.progressed = now
             return []
-        if type(event) is PeerHave:  # most events by far: the Have of a chunk we hold
+        if type(event) is PeerHave:  # most events by far
             peer = self._peers.get(event.peer)
             index = event.index
             if peer is not None and 0 <= index < self._count:
+                peer.heard = peer.progressed = now
                 bit = 1 << index
-                if not self._missing & bit:
-                    peer.heard = peer.progressed = now
-                    bits = peer.bits
-                    if not bits & bit:
-                        if not bits:
-                            self._holding[peer.name] = peer
-                        peer.bits = bits | bit
-                        self._rarity.avail[index] += 1
+                bits = peer.bits
+                if bits & bit:
                     return []
-        self._now = now
-        self._acts = acts = []
-        if type(event) is PeerHave:
-            self._on_have(event)
+                if not bits:
+                    self._holding[peer.name] = peer
+                peer.bits = bits | bit
+                rarity = self._rarity
+                if not self._missing & bit:  # held: only the count matters
+                    rarity.avail[index] += 1
+                    return []
+                if rarity.wanted & bit:
+                    if not rarity.pickable & bit:
+                        self._not_orphan(index)
+                    rarity.inc(index)
+                else:
+                    rarity.avail[index] += 1  # in flight: not in a bucket
+                if peer.name not in self._free:
+                    # nothing to ask it for now; and a Have changes neither the origin
+                    # queue nor the wanted chunks, so the checks below would find nothing
+                    return []
+                self._now = now
+                self._acts = acts = []
+                self._fill(peer)
+            else:
+                self._now = now
+                self._acts = acts = []
+                self._on_have(event)  # a peer not joined, or a bad index: its errors
         else:
+            self._now = now
+            self._acts = acts = []
             handler = self._handlers.get(type(event))
             if handler is None:
                 raise TypeError(f"not a swarm event: {event!r}")
