@@ -28,9 +28,11 @@ def test_constants_are_sane():
     (1, MIN_CHUNK_SIZE),
     (TARGET_CHUNKS_PER_BLOB * MIN_CHUNK_SIZE, MIN_CHUNK_SIZE),
     (TARGET_CHUNKS_PER_BLOB * MIN_CHUNK_SIZE + 1, 2 * MIN_CHUNK_SIZE),
-    (1 * GiB, 4 * MiB),
-    (1 * GiB + 1, 8 * MiB),
-    (4 * GiB, MAX_CHUNK_SIZE),
+    (410 * MiB, 1 * MiB),  # the lab's largest layer
+    (1 * GiB, 2 * MiB),
+    (1 * GiB + 1, 4 * MiB),
+    (8 * GiB, MAX_CHUNK_SIZE),
+    (4 * GiB, 8 * MiB),
     (100 * GiB, MAX_CHUNK_SIZE),
 ])
 def test_known_sizes(size, expected):

@@ -102,6 +102,8 @@ class Options:
     #: "api" posts the same request to every daemon's API from the harness at once (no
     #: process start-up, so no start skew from a busy CPU)
     start: str = "cli"
+    #: p2pull's chunk size (P2PULL_CHUNK_SIZE); None: the protocol's rule for each blob
+    chunk_size: str | None = None
     log: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
 
 
@@ -334,6 +336,8 @@ class Context:
         return f"{self.lab.origin.address}:{REGISTRY_PORT}"
 
     def env(self, **extra: str) -> dict:
+        if self.options.chunk_size:
+            extra.setdefault("P2PULL_CHUNK_SIZE", self.options.chunk_size)
         return clean_env(P2PULL_INSECURE_REGISTRIES=self.registry_host,
                          P2PULL_CLUSTER=f"lab-{self.lab.tag}", **extra)
 
@@ -734,7 +738,7 @@ def run_lab(options: Options) -> dict:
                    "files": [{"name": f.name, "size": f.size, "sha256": f.sha256}
                              for f in files],
                    "rounds": options.rounds, "baselines": list(options.baselines),
-                   "start": options.start,
+                   "start": options.start, "chunk_size": options.chunk_size,
                    "mtu": options.mtu, "subnet": str(lab.network), "tag": lab.tag,
                    "namespaces": namespaces},
         "bound": {**bound, "tcp_efficiency": round(tcp_efficiency(options.mtu), 4),
@@ -929,6 +933,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "namespaces (cli, default) or by posting the same request to "
                              "every daemon's API at once (api: no start-up skew)")
     parser.add_argument("--mtu", type=int, default=1500)
+    parser.add_argument("--chunk-size", help="p2pull's chunk size, e.g. 1MiB (default: the "
+                                             "protocol's rule for each blob's size)")
     parser.add_argument("--phase-timeout", type=float,
                         help="seconds one phase may take (default: from the bound)")
     parser.add_argument("--workdir", type=Path, help="parent of the temporary directory")
@@ -958,7 +964,8 @@ def main(argv: list[str] | None = None) -> int:
             origin_up=parse_rate(args.origin_rate),
             origin_down=parse_rate(args.origin_down_rate), size=parse_size(args.size),
             baselines=baselines, rounds=args.rounds, mtu=args.mtu, workdir=args.workdir,
-            keep=args.keep, phase_timeout=args.phase_timeout, start=args.start)
+            keep=args.keep, phase_timeout=args.phase_timeout, start=args.start,
+            chunk_size=args.chunk_size)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
