@@ -104,6 +104,8 @@ class Options:
     start: str = "cli"
     #: p2pull's chunk size (P2PULL_CHUNK_SIZE); None: the protocol's rule for each blob
     chunk_size: str | None = None
+    #: more p2pull settings for every daemon, as P2PULL_* variables (name -> value)
+    settings: dict[str, str] = field(default_factory=dict)
     log: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
 
 
@@ -338,6 +340,8 @@ class Context:
     def env(self, **extra: str) -> dict:
         if self.options.chunk_size:
             extra.setdefault("P2PULL_CHUNK_SIZE", self.options.chunk_size)
+        for name, value in self.options.settings.items():
+            extra.setdefault(f"P2PULL_{name.upper()}", value)
         return clean_env(P2PULL_INSECURE_REGISTRIES=self.registry_host,
                          P2PULL_CLUSTER=f"lab-{self.lab.tag}", **extra)
 
@@ -739,6 +743,7 @@ def run_lab(options: Options) -> dict:
                              for f in files],
                    "rounds": options.rounds, "baselines": list(options.baselines),
                    "start": options.start, "chunk_size": options.chunk_size,
+                   "settings": options.settings,
                    "mtu": options.mtu, "subnet": str(lab.network), "tag": lab.tag,
                    "namespaces": namespaces},
         "bound": {**bound, "tcp_efficiency": round(tcp_efficiency(options.mtu), 4),
@@ -935,6 +940,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mtu", type=int, default=1500)
     parser.add_argument("--chunk-size", help="p2pull's chunk size, e.g. 1MiB (default: the "
                                              "protocol's rule for each blob's size)")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="a p2pull setting for every daemon, as its P2PULL_ variable "
+                             "(e.g. origin_max_connections=8); repeatable")
     parser.add_argument("--phase-timeout", type=float,
                         help="seconds one phase may take (default: from the bound)")
     parser.add_argument("--workdir", type=Path, help="parent of the temporary directory")
@@ -953,6 +961,13 @@ def interrupt_on_signals() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def _setting(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name.strip():
+        raise ValueError(f"--setting {text!r}: write NAME=VALUE, e.g. origin_max_connections=8")
+    return name.strip(), value.strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -965,7 +980,7 @@ def main(argv: list[str] | None = None) -> int:
             origin_down=parse_rate(args.origin_down_rate), size=parse_size(args.size),
             baselines=baselines, rounds=args.rounds, mtu=args.mtu, workdir=args.workdir,
             keep=args.keep, phase_timeout=args.phase_timeout, start=args.start,
-            chunk_size=args.chunk_size)
+            chunk_size=args.chunk_size, settings=dict(_setting(text) for text in args.setting))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
