@@ -76,6 +76,9 @@ class Config:
     download_rate: int | None = None
     #: seconds a peer may stay silent (no data, no ping) before it is dropped
     peer_timeout: float = 30.0
+    #: TCP congestion control of peer links (e.g. "cubic", "reno"), or None for the
+    #: system's default
+    peer_tcp_congestion: str | None = None
     #: per-registry credentials and mirrors
     registries: Mapping[str, RegistryConfig] = field(default_factory=dict)
 
@@ -155,6 +158,7 @@ _KEYS = {
     "upload_burst": ("P2PULL_UPLOAD_BURST", parse_size),
     "download_rate": ("P2PULL_DOWNLOAD_RATE", lambda value: parse_size(value) or None),
     "peer_timeout": ("P2PULL_PEER_TIMEOUT", float),
+    "peer_tcp_congestion": ("P2PULL_PEER_TCP_CONGESTION", lambda value: str(value) or None),
 }
 
 

@@ -127,6 +127,7 @@ ENV_SAMPLES = {
     "upload_burst": ("1MiB", 2**20),
     "download_rate": ("2MB", 2 * 10**6),
     "peer_timeout": ("2.5", 2.5),
+    "peer_tcp_congestion": ("cubic", "cubic"),
 }
 
 

@@ -253,6 +253,7 @@ class Node:
         #: blob -> (chunk size, {chunk: xxh3}) of published blobs: a chunk whose xxh3 is
         #: known is sent by sendfile, without reading it (16 bytes a chunk)
         self._published_checksums: dict[str, tuple[int, dict[int, bytes]]] = {}
+        self._congestion_refused = False
         self.banned: set[str] = set()
         self.counters = NodeCounters()
         self.upload_slots = UploadSlots(config.upload_slots)
@@ -362,6 +363,7 @@ class Node:
                               os.urandom(32), self.listen_port,
                               allocate=self.payload_pool.allocate)
         link = None
+        self._tune_peer_socket(stream)
         try:
             verified, pending = await self._handshake(stream, conn)
             link = PeerLink(verified.node_id, host, verified.listen_port, outbound, stream, conn)
@@ -389,6 +391,21 @@ class Node:
             if link is not None:
                 self._unregister(link)
             await stream.aclose()
+
+    def _tune_peer_socket(self, stream) -> None:
+        """Apply ``peer_tcp_congestion``. A name the kernel refuses is logged once and the
+        system's default kept: a link that works matters more than its tuning."""
+        name = self.config.peer_tcp_congestion
+        sock = getattr(stream, "socket", None)
+        if not name or sock is None or self._congestion_refused:
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+        except OSError as exc:
+            self._congestion_refused = True
+            log.warning("peer_tcp_congestion %r refused by the kernel (%s); peer links keep "
+                        "the system's default: see net.ipv4.tcp_allowed_congestion_control",
+                        name, exc.strerror or exc)
 
     async def _handshake(self, stream, conn: PeerConnection):
         """Both Hellos, both Auths; returns (PeerVerified, events that followed it)."""

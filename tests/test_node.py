@@ -1,0 +1,61 @@
+"""Node settings that act on its peer sockets, on real sockets."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from types import SimpleNamespace
+
+import pytest
+
+from p2pull.config import load_config
+from p2pull.net.node import Node
+from p2pull.store.cas import Store
+
+
+def node_with(tmp_path, **settings) -> Node:
+    config = load_config(env={}, data_dir=tmp_path, **settings)
+    return Node(config, Store(tmp_path / "store"), origin=None, node_id="test-node")
+
+
+def congestion_of(sock: socket.socket) -> str:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
+
+
+@pytest.fixture
+def tcp_socket():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        yield sock
+
+
+def test_peer_links_use_the_configured_congestion_control(tmp_path, tcp_socket):
+    default = congestion_of(tcp_socket)
+    wanted = "cubic" if default != "cubic" else "reno"  # reno is always allowed
+    node_with(tmp_path, peer_tcp_congestion=wanted)._tune_peer_socket(
+        SimpleNamespace(socket=tcp_socket))
+    assert congestion_of(tcp_socket) == wanted
+
+
+def test_without_the_setting_a_peer_socket_keeps_the_systems_default(tmp_path, tcp_socket):
+    default = congestion_of(tcp_socket)
+    node_with(tmp_path)._tune_peer_socket(SimpleNamespace(socket=tcp_socket))
+    assert congestion_of(tcp_socket) == default
+
+
+def test_a_name_the_kernel_refuses_is_logged_once_and_links_still_work(tmp_path, caplog):
+    node = node_with(tmp_path, peer_tcp_congestion="no-such-algorithm")
+    with caplog.at_level(logging.WARNING, logger="p2pull.node"):
+        for _ in range(3):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                default = congestion_of(sock)
+                node._tune_peer_socket(SimpleNamespace(socket=sock))
+                assert congestion_of(sock) == default
+    warnings = [r for r in caplog.records if "peer_tcp_congestion" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "no-such-algorithm" in warnings[0].getMessage()
+
+
+def test_the_setting_comes_from_its_environment_variable(tmp_path):
+    config = load_config(env={"P2PULL_PEER_TCP_CONGESTION": "reno"}, data_dir=tmp_path)
+    assert config.peer_tcp_congestion == "reno"
+    assert load_config(env={}, data_dir=tmp_path).peer_tcp_congestion is None
