@@ -366,24 +366,7 @@ class BlobSwarm:
             index = event.index
             if peer is not None and 0 <= index < self._count:
                 peer.heard = peer.progressed = now
-                bit = 1 << index
-                bits = peer.bits
-                if bits & bit:
-                    return []
-                if not bits:
-                    self._holding[peer.name] = peer
-                peer.bits = bits | bit
-                rarity = self._rarity
-                if not self._missing & bit:  # held: only the count matters
-                    rarity.avail[index] += 1
-                    return []
-                if rarity.wanted & bit:
-                    if not rarity.pickable & bit:
-                        self._not_orphan(index)
-                    rarity.inc(index)
-                else:
-                    rarity.avail[index] += 1  # in flight: not in a bucket
-                if peer.name not in self._free:
+                if not self._count_have(peer, index):
                     # nothing to ask it for now; and a Have changes neither the origin
                     # queue nor the wanted chunks, so the checks below would find nothing
                     return []
@@ -553,25 +536,30 @@ class BlobSwarm:
         if peer is None:  # not joined, or gone: a late Have must not bring it back
             return
         peer.heard = peer.progressed = self._now
+        if self._count_have(peer, index):
+            self._fill(peer)
+
+    def _count_have(self, peer: _Peer, index: int) -> bool:
+        """Record that ``peer`` holds chunk ``index``; True if it is a new chunk we miss and
+        the peer has a free request slot (worth a fill)."""
         bit = 1 << index
         bits = peer.bits
         if bits & bit:
-            return
+            return False
         if not bits:
-            self._holding[name] = peer
+            self._holding[peer.name] = peer
         peer.bits = bits | bit
         rarity = self._rarity
         if not self._missing & bit:  # held: only the count matters
             rarity.avail[index] += 1
-            return
+            return False
         if rarity.wanted & bit:
             if not rarity.pickable & bit:
                 self._not_orphan(index)
             rarity.inc(index)
         else:
             rarity.avail[index] += 1  # in flight: not in a bucket
-        if name in self._free:
-            self._fill(peer)
+        return peer.name in self._free
 
     def _on_verified(self, event: PieceVerified) -> None:
         name, index = event.peer, event.index
