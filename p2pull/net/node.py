@@ -621,8 +621,8 @@ class Node:
         return Bitmap.full(ChunkPlan.for_blob(size, self.config.chunk_size).count)
 
     async def _serve_requests(self, link: PeerLink) -> None:
-        """Read requested chunks and hand them to ``_send_pieces``: the next chunk is read
-        from disk while the previous one is on the wire."""
+        """Open (or read) requested chunks and hand them to ``_send_pieces``: the next
+        chunk is made ready while the previous one is on the wire."""
         send_pieces, receive_pieces = trio.open_memory_channel(0)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._send_pieces, link, receive_pieces)
@@ -637,6 +637,7 @@ class Node:
                             continue
                         # the slot is released once the piece is sent (by _send_pieces)
                         sending = False
+                        chunk = None
                         link.in_service += 1
                         try:
                             chunk = await self._chunk_to_send(link, blob, index)
@@ -647,6 +648,8 @@ class Node:
                                 sending = True
                         finally:
                             if not sending:
+                                if chunk is not None:  # the link closed: its file too
+                                    chunk.close()
                                 self._served(link)
 
     async def _send_pieces(self, link: PeerLink, pieces: trio.MemoryReceiveChannel) -> None:
@@ -702,7 +705,8 @@ class Node:
         if session is not None and session.holds(index):
             checksum = session.partial.checksums.get(index)
             # our own descriptor: the session's may be closed and its number reused; a
-            # rename at publish leaves an open file as it is
+            # rename at publish leaves an open file as it is. (Only a failed sha256 makes
+            # the session rewrite held chunks: a peer then gets bytes that fail its xxh3.)
             fd = _open_readonly(session.partial.data_path) if checksum is not None else None
             if fd is not None:
                 offset, length = session.plan.span(index)
@@ -746,6 +750,8 @@ class Node:
         except (OSError, ValueError):
             return None
         checksum = chunk_checksum(data)
+        # from a worker thread: each dict operation is atomic, and an entry lost to a race
+        # with the event loop only costs one more read of that chunk later
         known = self._published_checksums.get(blob)
         if known is None or known[0] != plan.chunk_size:
             known = self._published_checksums[blob] = (plan.chunk_size, {})
