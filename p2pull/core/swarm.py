@@ -461,6 +461,10 @@ class BlobSwarm:
     def peers(self) -> tuple[str, ...]:
         return tuple(self._peers)
 
+    @property
+    def peer_count(self) -> int:
+        return len(self._peers)
+
     def peer_bitmap(self, peer: str) -> Bitmap | None:
         state = self._peers.get(peer)
         return None if state is None else Bitmap.from_int(self._count, state.bits)

@@ -517,7 +517,7 @@ class BlobSession:
         return False
 
     def _urgent_span(self) -> int:
-        if len(self.swarm.peers) > 1:
+        if self.swarm.peer_count > 1:
             return HASH_URGENT_CHUNKS
         return max(HASH_URGENT_CHUNKS, HASH_URGENT_PIPELINES * self.swarm_config.pipeline_depth)
 

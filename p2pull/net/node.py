@@ -250,9 +250,10 @@ class Node:
         self.listen_port = 0
         self.links: dict[str, PeerLink] = {}
         self.sessions: dict[str, BlobSession] = {}
-        #: blob -> (chunk size, {chunk: xxh3}) of published blobs: a chunk whose xxh3 is
-        #: known is sent by sendfile, without reading it (16 bytes a chunk)
-        self._published_checksums: dict[str, tuple[int, dict[int, bytes]]] = {}
+        #: blob -> {chunk: xxh3} of published blobs (chunks as the protocol's rule and our
+        #: chunk_size cut them): a chunk whose xxh3 is known is sent by sendfile, without
+        #: reading it (16 bytes a chunk)
+        self._published_checksums: dict[str, dict[int, bytes]] = {}
         self._congestion_refused = False
         self.banned: set[str] = set()
         self.counters = NodeCounters()
@@ -711,20 +712,15 @@ class Node:
             if fd is not None:
                 offset, length = session.plan.span(index)
                 return OutgoingChunk(checksum, length, fd=fd, offset=offset)
-        known = self._published_checksums.get(blob)
-        if known is None or index not in known[1]:
+        checksum = self._published_checksums.get(blob, {}).get(index)
+        if checksum is None:
             return None
-        chunk_size, checksums = known
         fd = _open_readonly(self.store.blob_path(blob))
         if fd is None:
             return None
-        size = os.fstat(fd).st_size
-        plan = ChunkPlan.for_blob(size, self.config.chunk_size)
-        if plan.chunk_size != chunk_size or not 0 <= index < plan.count:
-            os.close(fd)
-            return None
-        offset, length = plan.span(index)
-        return OutgoingChunk(checksums[index], length, fd=fd, offset=offset)
+        offset, length = ChunkPlan.for_blob(os.fstat(fd).st_size,
+                                            self.config.chunk_size).span(index)
+        return OutgoingChunk(checksum, length, fd=fd, offset=offset)
 
     def _read_chunk(self, blob: str, index: int) -> OutgoingChunk | None:
         """A chunk we hold read into memory, from the partial file or the store; None if
@@ -752,10 +748,7 @@ class Node:
         checksum = chunk_checksum(data)
         # from a worker thread: each dict operation is atomic, and an entry lost to a race
         # with the event loop only costs one more read of that chunk later
-        known = self._published_checksums.get(blob)
-        if known is None or known[0] != plan.chunk_size:
-            known = self._published_checksums[blob] = (plan.chunk_size, {})
-        known[1][index] = checksum
+        self._published_checksums.setdefault(blob, {})[index] = checksum
         return OutgoingChunk(checksum, len(data), data=data)
 
     # -- PeerMessenger: what blob sessions ask of the links -------------------------------
@@ -799,8 +792,7 @@ class Node:
         partial = session.partial
         if partial is not None and partial.complete and self.store.has_blob(session.digest):
             # its chunks' xxh3s, as committed: serving them needs no reading then
-            self._published_checksums[session.digest] = (session.plan.chunk_size,
-                                                         dict(partial.checksums))
+            self._published_checksums[session.digest] = dict(partial.checksums)
 
     def _announce_session(self, link: PeerLink, session: BlobSession) -> None:
         link.send(Interest(session.digest, session.descriptor.size, session.plan.chunk_size))
