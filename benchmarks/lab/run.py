@@ -139,12 +139,15 @@ def tcp_efficiency(mtu: int) -> float:
 
 
 class Sampler:
-    """Every SAMPLE_INTERVAL: each host's bytes sent and received (bridge-side counters)
-    and the machine's CPU busy share, from ``start`` to ``stop``."""
+    """Every SAMPLE_INTERVAL: each host's bytes sent and received (bridge-side counters),
+    the machine's CPU busy share and, given the daemons' APIs, each daemon's bytes from the
+    origin and to peers (which the interface counters cannot tell apart from peer bytes)."""
 
-    def __init__(self, lab: Lab):
+    def __init__(self, lab: Lab, apis: dict[str, httpx.Client] | None = None):
         self.lab = lab
+        self.apis = apis or {}
         self.samples: list[tuple[float, dict, float]] = []
+        self.daemon_samples: list[dict[str, tuple[int, int] | None]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -173,6 +176,9 @@ class Sampler:
         share = (busy - self._cpu[0]) / max(1, total - self._cpu[1])
         self._cpu = (busy, total)
         self.samples.append((time.monotonic() - self.started, counters, share))
+        if self.apis:
+            self.daemon_samples.append({name: _daemon_bytes(api)
+                                        for name, api in self.apis.items()})
 
     def timeline(self) -> dict:
         """Cumulative bytes since the start per host, and CPU busy share per interval."""
@@ -186,11 +192,32 @@ class Sampler:
             "received": {n: [c[n][1] - first[n][1] for _, c, _ in self.samples]
                          for n in names},
             "cpu_busy": [round(s, 3) for _, _, s in self.samples],
+            **self._daemon_timeline(),
         }
+
+    def _daemon_timeline(self) -> dict:
+        if not self.daemon_samples:
+            return {}
+        series = {"origin_bytes": {}, "to_peers": {}}
+        for name in self.apis:
+            for column, key in enumerate(series):
+                series[key][name] = [None if sample[name] is None else sample[name][column]
+                                     for sample in self.daemon_samples]
+        return series
 
     def cpu_busy(self) -> float | None:
         shares = [s for _, _, s in self.samples[1:]]
         return round(statistics.mean(shares), 3) if shares else None
+
+
+def _daemon_bytes(api: httpx.Client) -> tuple[int, int] | None:
+    """(bytes from the origin, bytes to peers) a daemon counted so far; None if it did not
+    answer."""
+    try:
+        status = api.get("/status").json()
+        return status["origin_bytes"], status["bytes_to_peers"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return None
 
 
 def _cpu_times() -> tuple[int, int]:
@@ -384,7 +411,7 @@ def phase_p2pull(ctx: Context, round_no: int) -> dict:
         argvs = [[*p2pull_command(), "get", ctx.ref, "-o", str(out), "--json"] for out in outs]
         before = lab.tx_bytes(lab.origin)
         cpu_before = [process_cpu_seconds(d.pid) for d in daemons]
-        with Sampler(lab) as sampler:
+        with Sampler(lab, {h.name: api for h, api in zip(hosts, apis)}) as sampler:
             if ctx.options.start == "api":
                 outcomes = get_via_apis(apis, ctx.ref, outs, ctx.timeout("p2pull"))
             else:
