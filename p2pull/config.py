@@ -65,8 +65,10 @@ class Config:
     origin_attempts: int = 8
     #: seconds without progress on one origin request before it is retried
     origin_timeout: float = 30.0
-    #: peers served at once; a request beyond them is answered busy
+    #: peers served at once; a request beyond them is answered busy ...
     upload_slots: int = 8
+    #: ... or, with "queue", waits until a slot frees (slots go to waiting peers in turn)
+    upload_when_busy: str = "answer"
     #: upload rate limit in bytes per second, or None for none
     upload_rate: int | None = None
     #: bytes that may be sent at once above the upload rate
@@ -106,6 +108,9 @@ def default_data_dir() -> Path:
     return Path(base) / "p2pull"
 
 
+#: what a daemon does with a request when every upload slot is taken
+WHEN_BUSY = ("answer", "queue")
+
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
                "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
                "tib": 2**40}
@@ -125,6 +130,12 @@ def _split_list(value: str | list | tuple) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
     return tuple(str(part) for part in value)
+
+
+def _when_busy(value: str) -> str:
+    if value not in WHEN_BUSY:
+        raise UsageError(f"it must be one of {', '.join(WHEN_BUSY)}")
+    return value
 
 
 def _chunk_size(value: str | int) -> int | None:
@@ -154,6 +165,7 @@ _KEYS = {
     "origin_attempts": ("P2PULL_ORIGIN_ATTEMPTS", int),
     "origin_timeout": ("P2PULL_ORIGIN_TIMEOUT", float),
     "upload_slots": ("P2PULL_UPLOAD_SLOTS", int),
+    "upload_when_busy": ("P2PULL_UPLOAD_WHEN_BUSY", _when_busy),
     "upload_rate": ("P2PULL_UPLOAD_RATE", lambda value: parse_size(value) or None),
     "upload_burst": ("P2PULL_UPLOAD_BURST", parse_size),
     "download_rate": ("P2PULL_DOWNLOAD_RATE", lambda value: parse_size(value) or None),

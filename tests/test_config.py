@@ -123,6 +123,7 @@ ENV_SAMPLES = {
     "origin_attempts": ("2", 2),
     "origin_timeout": ("0.5", 0.5),
     "upload_slots": ("3", 3),
+    "upload_when_busy": ("queue", "queue"),
     "upload_rate": ("50MB", 50 * 10**6),
     "upload_burst": ("1MiB", 2**20),
     "download_rate": ("2MB", 2 * 10**6),
@@ -164,6 +165,12 @@ def test_chunk_size_values(tmp_path):
     assert load_config(write(tmp_path, "chunk_size = 1048576\n"), env={}).chunk_size == 2**20
     with pytest.raises(UsageError, match="chunk_size"):
         load_config(env={"P2PULL_CHUNK_SIZE": "1KiB"})
+
+
+def test_upload_when_busy_takes_only_its_two_values():
+    assert load_config(env={}).upload_when_busy == "answer"
+    with pytest.raises(UsageError, match="upload_when_busy.*answer, queue"):
+        load_config(env={"P2PULL_UPLOAD_WHEN_BUSY": "wait"})
 
 
 @pytest.mark.parametrize("text, expected", [

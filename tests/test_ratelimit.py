@@ -88,6 +88,26 @@ def test_upload_slots():
     assert slots.holders == ("b", "c")
 
 
+def test_queued_peers_get_freed_slots_first_come_first():
+    slots = UploadSlots(1)
+    assert slots.try_acquire("a", queue=True)
+    assert not slots.try_acquire("b", queue=True)
+    assert not slots.try_acquire("c", queue=True)
+    assert not slots.try_acquire("b", queue=True)  # once in line, whatever it asks again
+    assert slots.waiting == ("b", "c")
+    assert slots.grant() == []  # no slot free yet
+    slots.release("a")
+    # a newcomer does not overtake the line, even to a free slot
+    assert not slots.try_acquire("d")
+    assert slots.waiting == ("b", "c")
+    assert slots.grant() == ["b"]
+    assert slots.holders == ("b",) and slots.waiting == ("c",)
+    slots.release("c")  # gone while waiting: out of the line
+    slots.release("b")
+    assert slots.grant() == [] and slots.free == 1
+    assert slots.try_acquire("d")
+
+
 def test_unlimited_and_zero_slots():
     unlimited = UploadSlots(None)
     assert all(unlimited.try_acquire(f"p{n}") for n in range(1000))

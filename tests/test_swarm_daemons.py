@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from p2pull.config import parse_size
 from p2pull.core.chunks import ChunkPlan
 from p2pull.errors import ProtocolError
+from p2pull.net.node import MAX_QUEUED_REQUESTS
 from p2pull.wire import MAX_FRAME
-from tests.support.daemons import CLUSTER, DaemonCluster, end_process
+from tests.support.daemons import CHUNK_SIZE, CLUSTER, DaemonCluster, end_process
 from tests.support.hostile import HostilePeer
 from tests.support.proxy import Proxy
 from tests.support.registry import oras_push, registry_available, start_registry
@@ -306,6 +308,55 @@ def test_chunks_pushed_without_a_request_are_not_taken(origin, cluster, tmp_path
     assert_same_files(tmp_path / "out", MODEL)
     assert summary["from_peers"] == 0, summary
     assert summary["from_origin"] >= MODEL_SIZE and origin_bytes >= MODEL_SIZE, summary
+
+
+@pytest.mark.parametrize("when_busy", ["answer", "queue"])
+def test_a_daemon_out_of_upload_slots_answers_busy_or_queues(origin, cluster, tmp_path,
+                                                              when_busy):
+    """One upload slot, taken by a peer that asked for a whole layer and does not read yet
+    (the daemon's sends to it block): a second peer's requests are answered busy at once,
+    or, queueing, wait for the slot and are all served, with the right bytes, once the
+    first peer reads."""
+    (server,) = cluster.add(peers=[], env={"P2PULL_UPLOAD_SLOTS": "1",
+                                           "P2PULL_UPLOAD_WHEN_BUSY": when_busy})
+    server.start()
+    server.get(f"{origin.host}/{REPOSITORY}", tmp_path / "out", GET_TIMEOUT)
+    content = MODEL["model-00001-of-00003.safetensors"]
+    blob = "sha256:" + hashlib.sha256(content).hexdigest()
+    plan = ChunkPlan.for_blob(len(content), parse_size(CHUNK_SIZE))  # the daemons' size
+    with HostilePeer(server.port, cluster=CLUSTER, secret=cluster.secret) as first, \
+            HostilePeer(server.port, cluster=CLUSTER, secret=cluster.secret) as second:
+        for peer in (first, second):
+            peer.handshake()
+        wait_until(lambda: server.peer_ids() == {first.node_id, second.node_id}, 10,
+                   "the daemon did not list both peers")
+        wanted = min(plan.count, MAX_QUEUED_REQUESTS)  # far more than socket buffers hold
+        first.ask(blob, plan.blob_size, plan.chunk_size, range(wanted))
+        time.sleep(0.5)  # the first peer's requests are in, its slot taken
+        second.ask(blob, plan.blob_size, plan.chunk_size, range(4))
+        if when_busy == "answer":
+            assert second.answers(4, timeout=10) == [("reject", i, "busy") for i in range(4)]
+        else:
+            assert second.answers(1, timeout=1.5) == []  # in line, not refused
+        # both read at once: the slot goes round, and a peer that did not read would hold it
+        readers = [("first", first, wanted)]
+        if when_busy == "queue":
+            readers.append(("second", second, 4))
+        got: dict[str, list] = {}
+        threads = [threading.Thread(target=lambda n=n, p=p, k=k: got.__setitem__(
+            n, p.answers(k, timeout=30))) for n, p, k in readers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=40)
+    assert set(got) == {name for name, _, _ in readers}
+    for name, answers in got.items():
+        assert [kind for kind, _, _ in answers] == ["piece"] * len(answers), \
+            (name, [a for a in answers if a[0] != "piece"][:3])
+        assert len(answers) == (wanted if name == "first" else 4), name
+        for _, index, payload in answers:
+            offset, length = plan.span(index)
+            assert payload == content[offset:offset + length], (name, index)
 
 
 def test_wrong_secret_garbage_oversize_and_stalled_peers_are_dropped(origin, cluster,

@@ -52,28 +52,45 @@ class TokenBucket:
 class UploadSlots:
     """At most ``limit`` peers are served at a time (``None``: no limit). A peer holds one slot
     however many of its requests are queued; the caller releases it when the peer's queue
-    is empty or the peer is gone. A refused peer is answered busy."""
+    is empty or the peer is gone. A refused peer is answered busy, or, asked to ``queue``,
+    waits in line: a freed slot goes to the peer that has waited longest (``grant``)."""
 
-    __slots__ = ("limit", "_holders")
+    __slots__ = ("limit", "_holders", "_waiting")
 
     def __init__(self, limit: int | None):
         if limit is not None and limit < 0:
             raise ValueError(f"negative slot limit {limit}")
         self.limit = limit
         self._holders: dict[str, None] = {}  # insertion-ordered, for a stable ``holders``
+        self._waiting: dict[str, None] = {}  # the line, first come first
 
-    def try_acquire(self, peer: str) -> bool:
-        """True if ``peer`` holds a slot now (it already did, or a free one was taken)."""
+    def try_acquire(self, peer: str, queue: bool = False) -> bool:
+        """True if ``peer`` holds a slot now (it already did, or a free one was taken while
+        nobody waited for one). Otherwise, with ``queue``, ``peer`` joins the line (once)."""
         if peer in self._holders:
             return True
-        if self.limit is not None and len(self._holders) >= self.limit:
-            return False
-        self._holders[peer] = None
-        return True
+        if (self.limit is None or len(self._holders) < self.limit) and not self._waiting:
+            self._holders[peer] = None
+            return True
+        if queue:
+            self._waiting.setdefault(peer)
+        return False
 
     def release(self, peer: str) -> None:
-        """Free ``peer``'s slot; a peer without one is ignored."""
+        """Free ``peer``'s slot, or take it out of the line; a peer with neither is
+        ignored. The freed slot is given out by ``grant``."""
         self._holders.pop(peer, None)
+        self._waiting.pop(peer, None)
+
+    def grant(self) -> list[str]:
+        """Give the free slots to the peers waiting longest; returns those peers."""
+        granted = []
+        while self._waiting and (self.limit is None or len(self._holders) < self.limit):
+            peer = next(iter(self._waiting))
+            del self._waiting[peer]
+            self._holders[peer] = None
+            granted.append(peer)
+        return granted
 
     def holds(self, peer: str) -> bool:
         return peer in self._holders
@@ -81,6 +98,11 @@ class UploadSlots:
     @property
     def holders(self) -> tuple[str, ...]:
         return tuple(self._holders)
+
+    @property
+    def waiting(self) -> tuple[str, ...]:
+        """The peers in line, first come first."""
+        return tuple(self._waiting)
 
     @property
     def free(self) -> int | None:

@@ -168,6 +168,8 @@ class PeerLink:
     def __post_init__(self):
         self.outbox_send, self.outbox_receive = trio.open_memory_channel(math.inf)
         self.request_ready = trio.Event()
+        #: set when the peer, waiting in line (``upload_when_busy = "queue"``), got a slot
+        self.slot_granted = trio.Event()
 
     def send(self, message) -> None:
         """Queue a control message; the link's writer sends it."""
@@ -258,6 +260,7 @@ class Node:
         self.banned: set[str] = set()
         self.counters = NodeCounters()
         self.upload_slots = UploadSlots(config.upload_slots)
+        self.queue_when_busy = config.upload_when_busy == "queue"
         self.upload_bucket = TokenBucket(config.upload_rate, config.upload_burst)
         rate = config.download_rate
         self.download_bucket = TokenBucket(rate, max(rate or 0, RECEIVE_SIZE))
@@ -459,7 +462,7 @@ class Node:
         del self.links[link.peer_id]
         link.outbox_send.close()
         link.requests.clear()
-        self.upload_slots.release(link.peer_id)
+        self._release_upload_slot(link.peer_id)
         for blob in link.joined:
             session = self.sessions.get(blob)
             if session is not None:
@@ -632,10 +635,15 @@ class Node:
                     await link.request_ready.wait()
                     link.request_ready = trio.Event()
                     while link.requests:
-                        blob, index = link.requests.popleft()
-                        if not self.upload_slots.try_acquire(link.peer_id):
+                        if not await self._take_upload_slot(link):
+                            blob, index = link.requests.popleft()
                             link.send(Reject(blob, index, "busy"))
                             continue
+                        if not link.requests:  # cancelled while it waited for the slot
+                            if not link.in_service:
+                                self._release_upload_slot(link.peer_id)
+                            break
+                        blob, index = link.requests.popleft()
                         # the slot is released once the piece is sent (by _send_pieces)
                         sending = False
                         chunk = None
@@ -673,7 +681,34 @@ class Node:
         another is read, in service or queued."""
         link.in_service -= 1
         if not link.in_service and not link.requests:
-            self.upload_slots.release(link.peer_id)
+            self._release_upload_slot(link.peer_id)
+
+    async def _take_upload_slot(self, link: PeerLink) -> bool:
+        """True once ``link``'s peer holds an upload slot; False if every slot is taken and
+        the request is to be answered busy. With ``upload_when_busy = "queue"`` the peer
+        waits in line instead, and a peer holding a slot that others wait for gives it up
+        before each further piece and goes to the back of the line, so slots go round."""
+        slots = self.upload_slots
+        peer = link.peer_id
+        if self.queue_when_busy and slots.waiting and slots.holds(peer):
+            self._release_upload_slot(peer)
+        while not slots.try_acquire(peer, queue=self.queue_when_busy):
+            if not self.queue_when_busy:
+                return False
+            await link.slot_granted.wait()
+            link.slot_granted = trio.Event()
+        return True
+
+    def _release_upload_slot(self, peer: str) -> None:
+        """Free ``peer``'s upload slot (or its place in line) and wake the peers waiting
+        longest for the slots now free."""
+        self.upload_slots.release(peer)
+        for granted in self.upload_slots.grant():
+            link = self.links.get(granted)
+            if link is None:  # gone meanwhile: its slot goes on down the line
+                self._release_upload_slot(granted)
+            else:
+                link.slot_granted.set()
 
     def _chunk_length(self, blob: str, index: int) -> int:
         """The length of chunk ``index`` of ``blob`` (0 if we do not have the blob)."""

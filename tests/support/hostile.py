@@ -29,7 +29,7 @@ from p2pull.core.bitmap import Bitmap
 from p2pull.core.chunks import ChunkPlan
 from p2pull.errors import ProtocolError
 from p2pull.wire import (NEED_DATA, Bitmap as BitmapMessage, ConnectionClosed, Interest,
-                         PeerConnection, PeerVerified, Ping, Pong, Request)
+                         PeerConnection, PeerVerified, Piece, Ping, Pong, Reject, Request)
 
 #: a socket read or write that waits longer than this fails the hostile peer
 IO_TIMEOUT = 10.0
@@ -119,6 +119,42 @@ class HostilePeer:
                     if buffer:
                         self.conn.receive_data(bytes(buffer))
                     return event
+
+    # -- asking, as an honest peer would ---------------------------------------------------
+
+    def ask(self, blob: str, size: int, chunk_size: int, indexes) -> None:
+        """Say we want ``blob`` and request chunks ``indexes`` of it, all at once."""
+        self.sock.sendall(self.conn.send(Interest(blob, size, chunk_size)))
+        for index in indexes:
+            self.sock.sendall(self.conn.send(Request(blob, index)))
+
+    def answers(self, count: int, timeout: float) -> list[tuple[str, int, object]]:
+        """The next ``count`` answers to our requests, in order, or fewer if ``timeout``
+        runs out first: ("piece", index, payload bytes) or ("reject", index, reason)."""
+        found: list[tuple[str, int, object]] = []
+        deadline = time.monotonic() + timeout
+        while len(found) < count:
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.sock.settimeout(min(left, 0.5))
+                try:
+                    data = self.sock.recv(1 << 20)
+                except socket.timeout:
+                    continue
+                self.conn.receive_data(data)
+            elif isinstance(event, Piece):
+                found.append(("piece", event.index, bytes(event.payload)))
+            elif isinstance(event, Reject):
+                found.append(("reject", event.index, event.reason))
+            elif isinstance(event, Ping):
+                self.sock.sendall(self.conn.send(Pong(event.nonce)))
+            elif isinstance(event, ConnectionClosed):
+                self._mark_closed()
+                break
+        return found
 
     # -- serving lies ---------------------------------------------------------------------
 
