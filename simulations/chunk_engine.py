@@ -37,6 +37,7 @@ all.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import heapq
 import math
@@ -191,6 +192,11 @@ class ChunkEngine:
         self.known: list[dict[int, None]] = [{} for _ in range(n)]
         #: the known peers that exchange Haves and chunks with the node: its neighbours
         self.audience: list[list[int]] = [[] for _ in range(n)]
+        #: per blob, per node: those of its audience still missing some of the blob, in
+        #: audience order; a complete swarm does nothing with a Have, so the Have loop need
+        #: not ask each receiver whether it is complete
+        self.have_audience: list[list[list[int]]] = [
+            [[] for _ in range(n)] for _ in range(len(self.blobs))]
         self.graph_sets = [set(linked) for linked in self.graph]
         self.last_progress = [-math.inf] * n
         self.ticking = [False] * n
@@ -226,6 +232,12 @@ class ChunkEngine:
         self._moving_round = [0] * n
         self._ticking_round = [0] * n
         self._heap: list = []
+        #: events one peer hop (rtt/2) or origin hop (origin rtt/2) after the event that
+        #: caused them, most of all events: scheduled in order of their times (the clock only
+        #: moves forward), so first-in first-out queues hold them sorted, and the loop takes
+        #: the earliest of these and the heap's, by (time, seq) as one heap would
+        self._peer_hops: deque = deque()
+        self._origin_hops: deque = deque()
         self._seq = 0
         self._net_scheduled = False
         self._samples: list[float] = []
@@ -254,9 +266,41 @@ class ChunkEngine:
         self._seq += 1
         heapq.heappush(self._heap, (when, self._seq, kind, a, b, c))
 
+    def _hop(self, now: float, kind: int, a=None, b=None, c=None) -> None:
+        """Schedule an event one peer hop (rtt/2) after ``now``."""
+        self._seq += 1
+        entry = (now + self.half_rtt, self._seq, kind, a, b, c)
+        queue = self._peer_hops
+        if queue and entry[0] < queue[-1][0]:  # never while the clock only moves forward
+            heapq.heappush(self._heap, entry)
+        else:
+            queue.append(entry)
+
+    def _origin_hop(self, now: float, kind: int, a=None, b=None, c=None) -> None:
+        """Schedule an event one origin hop (origin rtt/2) after ``now``."""
+        self._seq += 1
+        entry = (now + self.origin_half_rtt, self._seq, kind, a, b, c)
+        queue = self._origin_hops
+        if queue and entry[0] < queue[-1][0]:
+            heapq.heappush(self._heap, entry)
+        else:
+            queue.append(entry)
+
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> dict:
+        # The run builds millions of long-lived objects (swarm state, requests, queued
+        # events) and no reference cycles (a run with gc.DEBUG_SAVEALL collects nothing):
+        # the cyclic collector's passes over them only cost time, about a sixth of it
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run()
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _run(self) -> dict:
         self._setup()
         started = time.perf_counter()
         heap = self._heap
@@ -277,24 +321,42 @@ class ChunkEngine:
         net = self.net
         events = 0
         multi = len(self.blobs) > 1
-        while heap and self.expected:
-            now, _, kind, a, b, c = pop(heap)
+        have_audience = self.have_audience
+        peer_hops, origin_hops = self._peer_hops, self._origin_hops
+        while self.expected:
+            # the earliest of the two hop queues' heads and the heap's top
+            if peer_hops:
+                entry = peer_hops[0]
+                source = peer_hops
+                if origin_hops and origin_hops[0] < entry:
+                    entry = origin_hops[0]
+                    source = origin_hops
+            elif origin_hops:
+                entry = origin_hops[0]
+                source = origin_hops
+            else:
+                entry = None
+            if heap and (entry is None or heap[0] < entry):
+                entry = pop(heap)
+            elif entry is None:
+                break
+            else:
+                source.popleft()
+            now, _, kind, a, b, c = entry
             if now > limit:
                 break
             events += 1
             if kind == _HAVE:
                 # the hot path: one Have to every interested peer that lacks the blob
-                for j in self.audience[a]:
-                    if multi:
-                        self._progress_seen(a, j, b, now)
-                    node_swarms = swarms[j]
-                    if node_swarms is None:
-                        continue
-                    swarm = node_swarms[b]
-                    if not swarm.complete:
-                        acts = swarm.handle(c, now)
-                        if acts:
-                            apply(j, b, acts, now)
+                if multi:
+                    # first the receivers' other swarms hear that the sender progresses (they
+                    # return no actions, and the Have's swarm reads nothing of theirs: the
+                    # same decisions as telling each receiver both in turn)
+                    self._progress_seen_by_audience(a, b, now)
+                for j in have_audience[b][a]:
+                    acts = swarms[j][b].handle(c, now)
+                    if acts:
+                        apply(j, b, acts, now)
             elif kind == _DELIVER:
                 node_swarms = swarms[a]
                 if node_swarms is not None and self.present[a]:
@@ -314,6 +376,22 @@ class ChunkEngine:
         self._on_sample(True, None, None, self.end)
         return self._result()
 
+    def _progress_seen_by_audience(self, sender: int, blob: int, now: float) -> None:
+        """``_progress_seen`` for every receiver of ``sender``'s Haves, inline (once per Have
+        of a multi-blob scenario)."""
+        alive_at = self._alive_at
+        base = sender * self.n
+        swarms = self.swarms
+        alive = self._progress_events[sender]
+        for receiver in self.audience[sender]:
+            key = base + receiver
+            if now - alive_at.get(key, -math.inf) < ALIVE_INTERVAL:
+                continue
+            alive_at[key] = now
+            for b, swarm in enumerate(swarms[receiver]):
+                if b != blob and not swarm.complete:
+                    swarm.handle(alive, now)
+
     def _progress_seen(self, sender: int, receiver: int, blob: int, now: float) -> None:
         """A Have or a piece of one blob shows the sender alive and making progress to the
         receiver's other swarms, at most every ALIVE_INTERVAL per link (the daemon's
@@ -332,25 +410,23 @@ class ChunkEngine:
                 swarm.handle(alive, now)
 
     def _apply(self, node: int, blob: int, actions: list, now: float) -> None:
-        half = self.half_rtt
+        hop = self._hop
         for action in actions:
             kind = type(action)
             if kind is SendRequest:
                 self.requests += 1
-                self._push(now + half, _REQUEST, self.ids[action.peer], node,
-                           (blob, action.index))
+                hop(now, _REQUEST, self.ids[action.peer], node, (blob, action.index))
             elif kind is AnnounceHave:
                 self.last_progress[node] = now
-                self._push(now + half, _HAVE, node, blob, PeerHave(self.names[node],
-                                                                   action.index))
+                hop(now, _HAVE, node, blob, PeerHave(self.names[node], action.index))
             elif kind is SendCancel:
-                self._push(now + half, _CANCEL, self.ids[action.peer], node,
-                           (blob, action.index))
+                hop(now, _CANCEL, self.ids[action.peer], node, (blob, action.index))
             elif kind is FetchFromOrigin:
                 self.origin_queue[node].append((blob, action.index))
                 if self.origin_active[node] < self.scenario.origin_connections:
                     self._pump_origin(node, now)
             elif kind is Completed:
+                self._stop_haves_to(node, blob)
                 self.blobs_left[node] -= 1
                 if not self.blobs_left[node]:
                     self._node_done(node, now)
@@ -369,7 +445,7 @@ class ChunkEngine:
             [peer for peer in range(self.n) if peer != node] if self.scenario.uses_peers else []
         for peer in linked:
             if self.present[peer]:
-                self._push(now + self.half_rtt, _INTEREST, peer, node)
+                self._hop(now, _INTEREST, peer, node)
         # the daemon's wait_for_bitmaps: until every linked peer answered (only those with a
         # get of their own do), or bitmap_wait
         # (a peer that starts later sends its bitmap with its own interest)
@@ -392,8 +468,12 @@ class ChunkEngine:
         self.known[told][starting] = None
         if starting in self.graph_sets[told]:
             self.audience[told].append(starting)
+            starting_swarms = self.swarms[starting]
+            for b, receivers in enumerate(self.have_audience):
+                if not starting_swarms[b].complete:
+                    receivers[told].append(starting)
         if reply is None:  # answer with our bitmap
-            self._push(now + self.half_rtt, _INTEREST, starting, told, True)
+            self._hop(now, _INTEREST, starting, told, True)
         if self.awaiting[told] and not self.ticking[told]:
             self.awaiting[told] -= 1
             if not self.awaiting[told]:
@@ -473,6 +553,15 @@ class ChunkEngine:
                 if acts:
                     self._apply(node, b, acts, now)
 
+    def _stop_haves_to(self, node: int, blob: int) -> None:
+        """``node`` holds all of ``blob`` now: its neighbours' Haves of it need not reach it
+        (removing keeps the others' order, so deliveries happen in the same order)."""
+        have_audience = self.have_audience[blob]
+        for peer in self.graph[node]:
+            receivers = have_audience[peer]
+            if node in receivers:
+                receivers.remove(node)
+
     def _node_done(self, node: int, now: float) -> None:
         self.finish[node] = now
         self.aborted[node] = False  # it finished before its early departure
@@ -495,13 +584,18 @@ class ChunkEngine:
         for peer in self.known[node]:
             if self.present[peer]:
                 for b in range(len(self.blobs)):
-                    self._push(now + self.half_rtt, _DELIVER, peer, b, PeerLeft(name))
+                    self._hop(now, _DELIVER, peer, b, PeerLeft(name))
             self.known[peer].pop(node, None)
         for peer in self.graph[node]:
             audience = self.audience[peer]
             if node in audience:
                 audience.remove(node)
+            for receivers in self.have_audience:
+                if node in receivers[peer]:
+                    receivers[peer].remove(node)
         self.audience[node] = []
+        for receivers in self.have_audience:
+            receivers[node] = []
         self.known[node] = {}
 
     # -- requests and flows ---------------------------------------------------------------
@@ -537,8 +631,7 @@ class ChunkEngine:
         while queue:
             blob, index = queue.popleft()
             if not swarms[blob].holds(index):
-                self._push(now + self.half_rtt, _DELIVER, requester, blob,
-                           PieceFailed(name, index, "rejected"))
+                self._hop(now, _DELIVER, requester, blob, PieceFailed(name, index, "rejected"))
                 continue
             if not slots.try_acquire(requester_name):
                 if self.queue_when_busy:
@@ -547,8 +640,7 @@ class ChunkEngine:
                     self.slot_waiters[sender].append(requester)
                     return
                 self.busy += 1
-                self._push(now + self.half_rtt, _DELIVER, requester, blob,
-                           PieceFailed(name, index, "busy"))
+                self._hop(now, _DELIVER, requester, blob, PieceFailed(name, index, "busy"))
                 continue
             nbytes = self.plans[blob].length(index)
             if self.width == 2:
@@ -572,7 +664,7 @@ class ChunkEngine:
             if swarms[blob].holds(index):
                 continue  # a peer delivered it meanwhile
             self.origin_active[node] += 1
-            self._push(now + self.origin_half_rtt, _ORIGIN, node, blob, index)
+            self._origin_hop(now, _ORIGIN, node, blob, index)
 
     def _on_origin(self, node: int, blob: int, index: int, now: float) -> None:
         if not self.present[node]:
@@ -615,15 +707,14 @@ class ChunkEngine:
         if sender < 0:
             self.origin_pieces += 1
             self.origin_bytes[requester] += nbytes
-            self._push(now + self.origin_half_rtt, _DELIVER, requester, blob,
-                       PieceVerified(None, index, nbytes))
+            self._origin_hop(now, _DELIVER, requester, blob, PieceVerified(None, index, nbytes))
             self.origin_active[requester] -= 1
             self._pump_origin(requester, now)
             return
         self.pieces += 1
         self.peer_bytes[requester] += nbytes
-        self._push(now + self.half_rtt, _DELIVER, requester, blob,
-                   PieceVerified(self.names[sender], index, nbytes))
+        self._hop(now, _DELIVER, requester, blob,
+                  PieceVerified(self.names[sender], index, nbytes))
         conn = self.conns[sender * self.n + requester]
         conn.flow = -1
         if self.slot_waiters[sender]:

@@ -191,3 +191,18 @@ def test_any_wire_bytes_are_accepted_exactly_when_no_tail_bit_is_set(case):
         bitmap = Bitmap(size, data)
         assert bitmap.to_bytes() == data
         assert len(bitmap) == "".join(f"{byte:08b}" for byte in data).count("1")
+
+
+def test_to_int_follows_every_change():
+    bitmap = Bitmap(20)
+    assert bitmap.to_int() == 0
+    bitmap.add(3)
+    assert bitmap.to_int() == 1 << 3
+    bitmap.add(17)
+    assert bitmap.to_int() == (1 << 3) | (1 << 17)
+    bitmap.discard(3)
+    assert bitmap.to_int() == 1 << 17
+    again = Bitmap.from_int(20, 0b101)
+    assert again.to_int() == 0b101 and set(again.held()) == {0, 2}
+    again.add(1)
+    assert again.to_int() == 0b111

@@ -164,7 +164,10 @@ def test_incremental_buckets_match_a_recount(size, data):
                 holders.append(0)
                 holder = len(holders) - 1
             holders[holder] |= 1 << index
-            rarity.inc(index)
+            if index in wanted and data.draw(st.booleans()):  # the swarm's Have path
+                assert rarity.inc_wanted(index, 1 << index) == rarity.avail[index]
+            else:
+                assert rarity.inc(index) == rarity.avail[index]
         elif op == "dec":
             index = data.draw(index_strategy)
             holder = next((n for n, bits in enumerate(holders) if bits >> index & 1), None)

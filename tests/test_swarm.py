@@ -432,6 +432,18 @@ def test_a_chunk_needing_a_new_peer_goes_to_the_best_scored_one():
         assert requests(actions) == [(fast, 0)]
 
 
+def test_a_chunk_needing_a_new_peer_ties_go_to_the_holder_free_the_longest():
+    s = swarm(1, pipeline_depth=1, endgame_duplicates=1)
+    s.handle(PeerJoined("a", full(1)), 0.0)
+    assert s.book.has("a", 0)
+    s.handle(PeerJoined("b", Bitmap(1)), 0.0)  # free first
+    s.handle(PeerJoined("c", Bitmap(1)), 0.0)
+    assert s.handle(PeerHave("c", 0), 0.1) == []  # c holds something first
+    assert s.handle(PeerHave("b", 0), 0.1) == []
+    actions = s.handle(PieceFailed("a", 0, "error"), 0.2)
+    assert requests(actions) == [("b", 0)]  # same score: the one free the longest
+
+
 def test_urgent_jumps_the_origin_queue():
     s = swarm(30, max_origin_in_flight=1)
     assert of(s.handle(Tick(), 0.0), FetchFromOrigin) == [FetchFromOrigin(0)]
@@ -712,6 +724,9 @@ def test_invariants_under_random_events(stream, seed):
         assert set(s.fetching_from_origin) == origin
         for peer, index in outstanding:
             assert not s.holds(index)
+        # the short list a chunk is offered from: exactly the free peers that hold something
+        assert s._free_holding == {name: peer for name, peer in s._holding.items()
+                                   if name in s._free}
         assert held == {i for i in range(chunks) if s.holds(i)}
     assert completed <= 1 + sum(isinstance(e, BlobCorrupt) for e in events)
     # whatever state it got into, a seeder joining and everyone answering finishes it

@@ -32,7 +32,7 @@ def set_bits(value: int) -> list[int]:
 
 
 class Bitmap:
-    __slots__ = ("size", "_bits", "_count")
+    __slots__ = ("size", "_bits", "_count", "_int")
 
     def __init__(self, size: int, bits: bytes | None = None):
         if size < 0:
@@ -48,6 +48,9 @@ class Bitmap:
                 raise ValueError("bits set beyond the end of the bitmap")
             self._bits = bytearray(bits)
         self._count = int.from_bytes(self._bits, "big").bit_count()
+        #: ``to_int``, kept until the bits change: a peer's bitmap is read by every swarm
+        #: it joins (the simulator hands one bitmap to hundreds of swarms)
+        self._int: int | None = None
 
     @classmethod
     def full(cls, size: int) -> "Bitmap":
@@ -60,12 +63,17 @@ class Bitmap:
             raise ValueError(f"negative bitmap size {size}")
         if value < 0 or value >> size:
             raise ValueError("bits set beyond the end of the bitmap")
-        return cls(size, value.to_bytes((size + 7) // 8, "little").translate(_REVERSED))
+        bitmap = cls(size, value.to_bytes((size + 7) // 8, "little").translate(_REVERSED))
+        bitmap._int = value
+        return bitmap
 
     def to_int(self) -> int:
         """The held chunks as an int, bit i set when chunk i is held: the form the swarm
         core computes with (one big-int AND instead of a loop over chunks)."""
-        return int.from_bytes(self._bits.translate(_REVERSED), "little")
+        value = self._int
+        if value is None:
+            value = self._int = int.from_bytes(self._bits.translate(_REVERSED), "little")
+        return value
 
     def __contains__(self, index: int) -> bool:
         self._check(index)
@@ -77,12 +85,14 @@ class Bitmap:
             return False
         self._bits[index >> 3] |= 0x80 >> (index & 7)
         self._count += 1
+        self._int = None
         return True
 
     def discard(self, index: int) -> None:
         if index in self:
             self._bits[index >> 3] &= ~(0x80 >> (index & 7)) & 0xFF
             self._count -= 1
+            self._int = None
 
     def __len__(self) -> int:
         """Number of chunks held."""

@@ -118,15 +118,36 @@ class Rarity:
 
     def inc(self, index: int) -> int:
         """One more peer holds ``index``; returns the new availability."""
-        level = self.avail[index] + 1
-        self.avail[index] = level
         bit = 1 << index
         if self.wanted & bit:
-            if level > 1:
-                self._take(level - 1, bit)
+            return self.inc_wanted(index, bit)
+        level = self.avail[index] + 1
+        self.avail[index] = level
+        return level
+
+    def inc_wanted(self, index: int, bit: int) -> int:
+        """``inc`` of a chunk the caller knows is wanted, ``bit`` being ``1 << index``: every
+        Have of a wanted chunk comes here, and Haves are most of a swarm's events, so the
+        bucket moves of ``_take`` and ``_put`` are inline."""
+        level = self.avail[index] + 1
+        self.avail[index] = level
+        buckets = self.buckets
+        if level > 1:
+            mask = buckets[level - 1] ^ bit  # it is in that bucket: xor clears it
+            if mask:
+                buckets[level - 1] = mask
             else:
-                self.pickable |= bit
-            self._put(level, bit)
+                del buckets[level - 1]
+                levels = self.levels
+                del levels[bisect_left(levels, level - 1)]
+        else:
+            self.pickable |= bit
+        mask = buckets.get(level)
+        if mask:
+            buckets[level] = mask | bit
+        else:
+            buckets[level] = bit
+            insort(self.levels, level)
         return level
 
     def dec(self, index: int) -> int:

@@ -313,6 +313,9 @@ class BlobSwarm:
         #: offered a chunk, usually far fewer than the peers (with full membership every
         #: node joins, but only neighbours send Haves)
         self._holding: dict[str, _Peer] = {}
+        #: the free peers among them: where a chunk that needs a peer is offered (a busy
+        #: answer backs most holders off, so this is the short list to scan)
+        self._free_holding: dict[str, _Peer] = {}
         self._members: dict[str, _Peer] = {}
         self._self_key = node_bytes(node_id)
         self._chunk_keys: dict[int, int] = {}
@@ -354,33 +357,51 @@ class BlobSwarm:
 
         Raises ProtocolError for a peer's event that does not fit the blob (a bitmap of the
         wrong size, a chunk index out of range), ValueError for a bad local event."""
-        if type(event) is PeerAlive:  # only its liveness changes: no actions
-            peer = self._peers.get(event.peer)
-            if peer is not None:
-                peer.heard = now
-                if event.progressed:
-                    peer.progressed = now
-            return []
-        if type(event) is PeerHave:  # most events by far
+        kind = type(event)
+        if kind is PeerHave:  # most events by far: counted here, without a call
             peer = self._peers.get(event.peer)
             index = event.index
-            if peer is not None and 0 <= index < self._count:
+            if peer is None or not 0 <= index < self._count:
+                self._now = now
+                self._acts = acts = []
+                self._on_have(event)  # a peer not joined, or a bad index: its errors
+            else:
                 peer.heard = peer.progressed = now
-                if not self._count_have(peer, index):
+                bit = 1 << index
+                bits = peer.bits
+                if bits & bit:
+                    return []
+                if not bits:
+                    self._now_holding(peer)
+                peer.bits = bits | bit
+                rarity = self._rarity
+                if not self._missing & bit:  # held: only the count matters
+                    rarity.avail[index] += 1
+                    return []
+                if rarity.wanted & bit:
+                    if not rarity.pickable & bit:
+                        self._not_orphan(index)
+                    rarity.inc_wanted(index, bit)
+                else:
+                    rarity.avail[index] += 1  # in flight: not in a bucket
+                if peer.name not in self._free:
                     # nothing to ask it for now; and a Have changes neither the origin
                     # queue nor the wanted chunks, so the checks below would find nothing
                     return []
                 self._now = now
                 self._acts = acts = []
                 self._fill(peer)
-            else:
-                self._now = now
-                self._acts = acts = []
-                self._on_have(event)  # a peer not joined, or a bad index: its errors
+        elif kind is PeerAlive:  # only its liveness changes: no actions
+            peer = self._peers.get(event.peer)
+            if peer is not None:
+                peer.heard = now
+                if event.progressed:
+                    peer.progressed = now
+            return []
         else:
             self._now = now
             self._acts = acts = []
-            handler = self._handlers.get(type(event))
+            handler = self._handlers.get(kind)
             if handler is None:
                 raise TypeError(f"not a swarm event: {event!r}")
             handler(event)
@@ -391,9 +412,7 @@ class BlobSwarm:
                 self._endgame = True
                 # a free peer holding nothing has nothing to duplicate: skip it, the
                 # others in the order of the free peers
-                free = self._free
-                for peer in sorted((peer for name, peer in self._holding.items()
-                                    if name in free), key=_freed_at):
+                for peer in sorted(self._free_holding.values(), key=_freed_at):
                     self._fill(peer)
         elif self._endgame:
             self._endgame = False
@@ -533,37 +552,11 @@ class BlobSwarm:
             self._forget(peer)
 
     def _on_have(self, event: PeerHave) -> None:
-        name, index = event.peer, event.index
-        if not 0 <= index < self._count:
-            self._check_index(index)
-        peer = self._peers.get(name)
-        if peer is None:  # not joined, or gone: a late Have must not bring it back
-            return
-        peer.heard = peer.progressed = self._now
-        if self._count_have(peer, index):
-            self._fill(peer)
-
-    def _count_have(self, peer: _Peer, index: int) -> bool:
-        """Record that ``peer`` holds chunk ``index``; True if it is a new chunk we miss and
-        the peer has a free request slot (worth a fill)."""
-        bit = 1 << index
-        bits = peer.bits
-        if bits & bit:
-            return False
-        if not bits:
-            self._holding[peer.name] = peer
-        peer.bits = bits | bit
-        rarity = self._rarity
-        if not self._missing & bit:  # held: only the count matters
-            rarity.avail[index] += 1
-            return False
-        if rarity.wanted & bit:
-            if not rarity.pickable & bit:
-                self._not_orphan(index)
-            rarity.inc(index)
-        else:
-            rarity.avail[index] += 1  # in flight: not in a bucket
-        return peer.name in self._free
+        """A Have ``handle`` could not count (it counts all others): a chunk index out of
+        range is the peer's error; a peer not joined, or gone, is ignored (a late Have must
+        not bring it back)."""
+        if not 0 <= event.index < self._count:
+            self._check_index(event.index)
 
     def _on_verified(self, event: PieceVerified) -> None:
         name, index = event.peer, event.index
@@ -590,7 +583,7 @@ class BlobSwarm:
                     self._queue_origin(index)
                 if not peer.bits & bit:  # it had it without telling us
                     if not peer.bits:
-                        self._holding[name] = peer
+                        self._now_holding(peer)
                     peer.bits |= bit
                     self._rarity.inc(index)
             if self._forced & bit:  # we want this one from the origin only
@@ -731,7 +724,7 @@ class BlobSwarm:
 
     def _add_bits(self, peer: _Peer, bits: int) -> None:
         if bits and not peer.bits:
-            self._holding[peer.name] = peer
+            self._now_holding(peer)
         peer.bits |= bits
         rarity = self._rarity
         newly = bits & rarity.wanted & ~rarity.pickable
@@ -751,6 +744,7 @@ class BlobSwarm:
         name = peer.name
         self._free.pop(name, None)
         self._holding.pop(name, None)
+        self._free_holding.pop(name, None)
         if peer.member:
             del self._members[name]
         dropped = self._book.drop_peer(name)
@@ -776,17 +770,27 @@ class BlobSwarm:
             self._forget(peer)
         self._book.ban(name, reason)
 
+    def _now_holding(self, peer: _Peer) -> None:
+        """``peer`` announced its first chunk since it joined."""
+        name = peer.name
+        self._holding[name] = peer
+        if name in self._free:
+            self._free_holding[name] = peer
+
     def _set_free(self, peer: _Peer) -> None:
         name = peer.name
         if name not in self._free:
             self._free[name] = None
             self._freed += 1
             peer.freed_at = self._freed
+            if name in self._holding:
+                self._free_holding[name] = peer
 
     def _back_off(self, peer: _Peer) -> None:
         until = self._now + self.config.peer_backoff
         peer.backoff_until = until
         self._free.pop(peer.name, None)
+        self._free_holding.pop(peer.name, None)
         self._seq += 1
         heapq.heappush(self._backoffs, (until, self._seq, peer.name))
 
@@ -820,17 +824,18 @@ class BlobSwarm:
         peer.requested |= 1 << index
         if self._book.outstanding(name) >= self.config.pipeline_depth:
             del self._free[name]
+            self._free_holding.pop(name, None)
         self._add_source(index)
         self._acts.append(SendRequest(name, index))
 
     def _offer(self, index: int) -> None:
-        """Chunk ``index`` needs a peer: ask the best-scoring free peer that holds it."""
+        """Chunk ``index`` needs a peer: ask the best-scoring free peer that holds it (ties:
+        the one free the longest, as a scan of the free peers would meet them)."""
         bit = 1 << index
         best, best_score = None, -1.0
         score = self._book.score
-        free = self._free
-        for name, peer in self._holding.items():
-            if peer.bits & bit and name in free:
+        for name, peer in self._free_holding.items():
+            if peer.bits & bit:
                 value = score(name)
                 if value > best_score or (value == best_score and
                                           peer.freed_at < best.freed_at):
@@ -935,7 +940,9 @@ class BlobSwarm:
         """``index`` is held by a peer, or by us: stop waiting for or queueing it."""
         self._orphan_since.pop(index, None)
         self._orphan_deadline.pop(index, None)
-        self._queued &= ~(1 << index)
+        bit = 1 << index
+        if self._queued & bit:  # rarely: no need to build ~bit
+            self._queued ^= bit
         watcher = self._watched_by.pop(index, None)
         if watcher is not None:
             self._watching[watcher].discard(index)
