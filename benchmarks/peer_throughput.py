@@ -13,8 +13,13 @@ store holds the blob. Then, each round:
   baseline of LAB-NOTES; ``file`` reads A's copy of the blob (page cache) by 1 MiB
   ``readinto`` and ``sendall``s it, the work daemon A does; ``sendfile`` uses
   ``socket.sendfile`` on that file.
-- ``raw+disk``: the same, and the receiver ``os.write``s every buffer to a file; timed to the
-  last byte written, and (a second figure) after an ``fsync`` of the file.
+- ``raw+sha256``: the same, and the receiver feeds every buffer to one sha256, the blob
+  digest check no verifying receiver can skip; its digest is checked against the blob's
+  when the sender sends the blob (``file``, ``sendfile``). Next to it, the benchmark times
+  hashlib's sha256 over 1 MiB buffers in memory: no receiver that checks the digest can be
+  faster than that, so ``sha256 / raw`` is the ceiling of the goal's ratio on the machine.
+- ``raw+disk``: the same as ``raw``, and the receiver ``os.write``s every buffer to a file;
+  timed to the last byte written, and (a second figure) after an ``fsync`` of the file.
 - ``p2pull``: a fresh daemon B (empty store, A as its only static peer, connected before
   the timing starts) runs ``p2pull get REF -o DIR --json``. B must resolve the manifest at the
   origin, which stays up; the blob's chunks then come from A, which holds all of them, since
@@ -332,9 +337,10 @@ def cpu_seconds(pid: int) -> float:
 # ------------------------------------------------------------------ the raw socket pair
 
 #: the raw receiver: listens on 127.0.0.1, prints its port, receives NBYTES into one
-#: reusable buffer (MODE "mem") or also writes them to TARGET ("disk"), prints its timings
+#: reusable buffer (MODE "mem"), also hashes them ("sha256") or writes them to TARGET
+#: ("disk"), prints its timings
 RAW_RECEIVER = r"""
-import json, os, socket, sys, time
+import hashlib, json, os, socket, sys, time
 mode, nbytes, target, bufsize = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 server = socket.create_server(("127.0.0.1", 0))
 print(server.getsockname()[1], flush=True)
@@ -342,12 +348,15 @@ conn, _ = server.accept()
 buffer = bytearray(bufsize)
 view = memoryview(buffer)
 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if mode == "disk" else -1
+digest = hashlib.sha256() if mode == "sha256" else None
 got = 0
 started = time.monotonic()
 while got < nbytes:
     n = conn.recv_into(view, min(bufsize, nbytes - got))
     if not n:
         sys.exit(f"the sender closed after {got} bytes")
+    if digest is not None:
+        digest.update(view[:n])
     if fd >= 0:
         written = 0
         while written < n:
@@ -360,7 +369,8 @@ if fd >= 0:
 synced = time.monotonic()
 conn.close()
 print(json.dumps({"bytes": got, "seconds": received - started,
-                  "seconds_fsync": synced - started}), flush=True)
+                  "seconds_fsync": synced - started,
+                  "sha256": digest.hexdigest() if digest is not None else None}), flush=True)
 """
 
 #: the raw sender: connects to PORT and sends NBYTES: MODE "memory" sendall()s one 1 MiB
@@ -391,6 +401,17 @@ with open(source, "rb", buffering=0) as file:
             sent += n
 sock.close()
 """
+
+
+def sha256_seconds(nbytes: int) -> float:
+    """Seconds hashlib's sha256 takes over ``nbytes`` fed as 1 MiB buffers from memory: the
+    machine's digest rate, which bounds any receiver that checks a blob's sha256."""
+    buffer = memoryview(random.Random(SEED).randbytes(RAW_BUFFER))
+    digest = hashlib.sha256()
+    started = time.perf_counter()
+    for offset in range(0, nbytes, RAW_BUFFER):
+        digest.update(buffer[:min(RAW_BUFFER, nbytes - offset)])
+    return time.perf_counter() - started
 
 
 def run_raw_pair(source: Path, nbytes: int, mode: str, sender_mode: str,
@@ -432,8 +453,8 @@ def run_raw_pair(source: Path, nbytes: int, mode: str, sender_mode: str,
 @dataclass
 class Run:
     round: int
-    client: str  # raw, raw+disk, p2pull
-    seconds: float  # raw: receiver's; p2pull: its JSON 'seconds'
+    client: str  # raw, raw+sha256, sha256, raw+disk, p2pull
+    seconds: float  # raw: receiver's; sha256: in memory; p2pull: its JSON 'seconds'
     payload_bytes: int
     #: raw+disk: after fsync; p2pull: wall clock around the get process
     seconds_2: float | None = None
@@ -463,7 +484,7 @@ class Run:
         return None if self.seconds_2 is None else self.payload_bytes / self.seconds_2 / MB
 
 
-ROW = "{:>5}  {:8} {:>8} {:>8} {:>12} {:>10} {:>11} {:>11}  {}"
+ROW = "{:>5}  {:10} {:>8} {:>8} {:>12} {:>10} {:>11} {:>11}  {}"
 
 
 def print_header() -> None:
@@ -475,7 +496,8 @@ def print_header() -> None:
 def print_run(run: Run) -> None:
     def mib(n):
         return "" if n is None else f"{n / MIB:.1f}"
-    check = ("sha256 ok" if run.verified else "size ok") if run.client != "raw" else ""
+    check = (("sha256 ok" if run.verified else "size ok")
+             if run.client in ("raw+disk", "p2pull") or run.verified else "")
     if not run.counted:
         check = f"EXCLUDED: {run.note}"
     print(ROW.format(run.round, run.client, f"{run.seconds:.3f}", f"{run.rate:.1f}",
@@ -559,7 +581,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         print(f"raw pair: sender mode '{args.raw_sender}' "
               f"({RAW_SENDER_DESCRIPTIONS[args.raw_sender]}), receiver recv_into a "
               f"{fmt_mib(RAW_BUFFER)} buffer")
-        print(f"{args.rounds} rounds of raw, raw+disk, p2pull (a fresh daemon B each round, "
+        print(f"{args.rounds} rounds of raw, raw+sha256, sha256 (in memory), raw+disk, "
+              "p2pull (a fresh daemon B each round, "
               "connected to A before the timing)")
         print()
         print_header()
@@ -568,6 +591,15 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for n in range(1, args.rounds + 1):
             result = run_raw_pair(a_blob, blob.size, "mem", args.raw_sender, work / "unused")
             runs.append(Run(n, "raw", result["seconds"], blob.size))
+            print_run(runs[-1])
+
+            result = run_raw_pair(a_blob, blob.size, "sha256", args.raw_sender, work / "unused")
+            sends_blob = args.raw_sender != "memory"
+            if sends_blob and result["sha256"] != blob.sha256:
+                raise BenchmarkError("the raw receiver's sha256 is not the blob's")
+            runs.append(Run(n, "raw+sha256", result["seconds"], blob.size, verified=sends_blob))
+            print_run(runs[-1])
+            runs.append(Run(n, "sha256", sha256_seconds(blob.size), blob.size))
             print_run(runs[-1])
 
             target = work / f"raw-{n}.bin"
@@ -696,12 +728,16 @@ def profile_round(args, work: Path, a: Daemon, origin: LayoutOrigin, ref: str,
 def summarise(runs: list[Run], size: int) -> dict[str, Any]:
     p2pull = [r for r in runs if r.client == "p2pull" and r.counted]
     raw = median([r.seconds for r in runs if r.client == "raw"])
+    raw_sha = median([r.seconds for r in runs if r.client == "raw+sha256"])
+    sha = median([r.seconds for r in runs if r.client == "sha256"])
     disk = [r for r in runs if r.client == "raw+disk"]
     disk_s, disk_fsync_s = median([r.seconds for r in disk]), median([r.seconds_2 for r in disk])
     p_s, p_wall = median([r.seconds for r in p2pull]), median([r.seconds_2 for r in p2pull])
     transfer = [r.transfer_rate for r in p2pull if r.transfer_rate is not None]
     rates = {
         "raw": size / raw / MB,
+        "raw_sha256": size / raw_sha / MB,
+        "sha256": size / sha / MB,
         "raw_disk": size / disk_s / MB,
         "raw_disk_fsync": size / disk_fsync_s / MB,
         "p2pull": size / p_s / MB,
@@ -709,11 +745,16 @@ def summarise(runs: list[Run], size: int) -> dict[str, Any]:
         "p2pull_transfer": median(transfer) if transfer else None,
     }
     return {
-        "raw_seconds": raw, "raw_disk_seconds": disk_s,
+        "raw_seconds": raw, "raw_sha256_seconds": raw_sha, "sha256_seconds": sha,
+        "raw_disk_seconds": disk_s,
         "raw_disk_fsync_seconds": disk_fsync_s, "p2pull_seconds": p_s,
         "p2pull_wall_seconds": p_wall,
         **{f"{k}_rate_mb_s": v for k, v in rates.items()},
         "ratio": rates["p2pull"] / rates["raw"],
+        "ratio_vs_raw_sha256": rates["p2pull"] / rates["raw_sha256"],
+        #: the goal's ratio a receiver could reach if it did nothing but hash
+        "ceiling_raw_sha256": rates["raw_sha256"] / rates["raw"],
+        "ceiling_sha256": rates["sha256"] / rates["raw"],
         "ratio_vs_raw_disk": rates["p2pull"] / rates["raw_disk"],
         "ratio_vs_raw_disk_fsync": rates["p2pull"] / rates["raw_disk_fsync"],
         "ratio_wall": rates["p2pull_wall"] / rates["raw"],
@@ -729,6 +770,10 @@ def print_summary(m: dict[str, Any], counted: int, rounds: int) -> None:
           f">= {MIN_PEER_SHARE:.0%} from the peer):")
     print(f"  raw           {m['raw_seconds']:8.3f} s  {m['raw_rate_mb_s']:8.1f} MB/s   "
           "socket pair, recv_into, no disk")
+    print(f"  raw+sha256    {m['raw_sha256_seconds']:8.3f} s  {m['raw_sha256_rate_mb_s']:8.1f} "
+          "MB/s   + sha256 of every buffer (the blob digest check)")
+    print(f"  sha256        {m['sha256_seconds']:8.3f} s  {m['sha256_rate_mb_s']:8.1f} MB/s"
+          "   hashlib over 1 MiB buffers in memory, no socket")
     print(f"  raw+disk      {m['raw_disk_seconds']:8.3f} s  {m['raw_disk_rate_mb_s']:8.1f} MB/s"
           "   + os.write of every buffer")
     print(f"  raw+disk+sync {m['raw_disk_fsync_seconds']:8.3f} s  "
@@ -741,6 +786,12 @@ def print_summary(m: dict[str, Any], counted: int, rounds: int) -> None:
         print(f"  p2pull xfer              {m['p2pull_transfer_rate_mb_s']:8.1f} MB/s   "
               "bulk of the peer transfer only (B's /status every 50 ms)")
     print(f"  ratio p2pull / raw              {m['ratio']:6.2f} x   (the goal's figure)")
+    print(f"  ratio p2pull / raw+sha256       {m['ratio_vs_raw_sha256']:6.2f} x   "
+          "(against a receiver that only checks the digest)")
+    print(f"  ceiling raw+sha256 / raw        {m['ceiling_raw_sha256']:6.2f} x   "
+          "(the goal's ratio of a receiver that does nothing but hash)")
+    print(f"  ceiling sha256 / raw            {m['ceiling_sha256']:6.2f} x   "
+          "(no receiver that checks the sha256 can pass this)")
     print(f"  ratio p2pull / raw+disk         {m['ratio_vs_raw_disk']:6.2f} x   "
           "(against a receiver that also writes)")
     print(f"  ratio p2pull / raw+disk+fsync   {m['ratio_vs_raw_disk_fsync']:6.2f} x   "
@@ -752,6 +803,9 @@ def print_summary(m: dict[str, Any], counted: int, rounds: int) -> None:
               "(peer transfer phase only)")
     verdict = "PASS" if m["goal_ratio"] else "FAIL"
     print(f"goal: >= {GOAL_RATIO:g}x raw socket rate (no disk), verification on: {verdict}")
+    if m["ceiling_sha256"] < GOAL_RATIO:
+        print(f"      out of reach on this machine: its sha256 runs at "
+              f"{m['ceiling_sha256']:.2f}x the raw socket rate")
 
 
 if __name__ == "__main__":
