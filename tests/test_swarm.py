@@ -72,6 +72,20 @@ def test_requests_only_missing_chunks_and_respects_the_pipeline():
     assert s.in_endgame
 
 
+def test_snapshot_counts_what_a_pull_waits_for():
+    s = swarm(20, held={0}, pipeline_depth=3, max_origin_in_flight=2)
+    assert s.snapshot() == {"missing": 19, "pickable": 0, "requested": 0, "origin": 0,
+                            "origin_queued": 0, "free_peers": 0}
+    s.handle(PeerJoined("a", bits(20, range(1, 11))), 0.0)  # three of its ten asked for
+    s.handle(PeerJoined("b", Bitmap(20)), 0.0)  # holds nothing yet: free
+    assert s.snapshot() == {"missing": 19, "pickable": 7, "requested": 3, "origin": 0,
+                            "origin_queued": 0, "free_peers": 1}
+    s.handle(Tick(), 0.0)  # the chunks nobody holds are orphans: ours or the other's
+    snap = s.snapshot()
+    ours = snap["origin"] + snap["origin_queued"]
+    assert snap["origin"] == min(2, ours) and 0 < ours <= 9
+
+
 def test_pipeline_depth_per_peer():
     s = swarm(20, pipeline_depth=3)
     actions = s.handle(PeerJoined("a", full(20)), 0.0)

@@ -141,13 +141,16 @@ def tcp_efficiency(mtu: int) -> float:
 class Sampler:
     """Every SAMPLE_INTERVAL: each host's bytes sent and received (bridge-side counters),
     the machine's CPU busy share and, given the daemons' APIs, each daemon's bytes from the
-    origin and to peers (which the interface counters cannot tell apart from peer bytes)."""
+    origin and to peers (which the interface counters cannot tell apart from peer bytes) and
+    its swarms' state summed over its sessions (``BlobSwarm.snapshot``: chunks pickable,
+    requested, fetched from the origin, ...), which shows whether a node waits for chunks
+    to exist or for the peers holding them."""
 
     def __init__(self, lab: Lab, apis: dict[str, httpx.Client] | None = None):
         self.lab = lab
         self.apis = apis or {}
         self.samples: list[tuple[float, dict, float]] = []
-        self.daemon_samples: list[dict[str, tuple[int, int] | None]] = []
+        self.daemon_samples: list[dict[str, tuple[int, int, dict] | None]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -198,7 +201,7 @@ class Sampler:
     def _daemon_timeline(self) -> dict:
         if not self.daemon_samples:
             return {}
-        series = {"origin_bytes": {}, "to_peers": {}}
+        series = {"origin_bytes": {}, "to_peers": {}, "swarm": {}}
         for name in self.apis:
             for column, key in enumerate(series):
                 series[key][name] = [None if sample[name] is None else sample[name][column]
@@ -210,12 +213,16 @@ class Sampler:
         return round(statistics.mean(shares), 3) if shares else None
 
 
-def _daemon_bytes(api: httpx.Client) -> tuple[int, int] | None:
-    """(bytes from the origin, bytes to peers) a daemon counted so far; None if it did not
-    answer."""
+def _daemon_bytes(api: httpx.Client) -> tuple[int, int, dict] | None:
+    """(bytes from the origin, bytes to peers, its swarms' snapshot summed over sessions) a
+    daemon counted so far; None if it did not answer."""
     try:
         status = api.get("/status").json()
-        return status["origin_bytes"], status["bytes_to_peers"]
+        swarm: dict[str, int] = {}
+        for session in status["sessions"]:
+            for key, value in (session.get("swarm") or {}).items():
+                swarm[key] = swarm.get(key, 0) + value
+        return status["origin_bytes"], status["bytes_to_peers"], swarm
     except (httpx.HTTPError, ValueError, KeyError):
         return None
 

@@ -447,6 +447,15 @@ class BlobSwarm:
     def origin_in_flight(self) -> int:
         return self._origin_count
 
+    def snapshot(self) -> dict[str, int]:
+        """Counts of the swarm's state, for status and for studies of where a pull waits:
+        chunks missing, pickable (wanted and held by a peer: a request could go out now),
+        requested from peers, fetched from and queued for the origin, and free peers."""
+        rarity = self._rarity
+        return {"missing": self._missing.bit_count(), "pickable": rarity.pickable.bit_count(),
+                "requested": len(self._book), "origin": self._origin_count,
+                "origin_queued": self._queued.bit_count(), "free_peers": len(self._free)}
+
     def origin_work(self) -> tuple[int, int]:
         """(chunks this node fetches or has queued for the origin, chunks the origin still
         has to send to the swarm as far as we know: those and every chunk we miss that no

@@ -844,7 +844,8 @@ class Node:
                 "sessions": [{"blob": digest, "size": s.descriptor.size,
                               "held": s.progress.held, "state": s.progress.state,
                               "from_origin": s.progress.from_origin,
-                              "from_peers": s.progress.from_peers}
+                              "from_peers": s.progress.from_peers,
+                              "swarm": s.swarm.snapshot() if s.swarm is not None else None}
                              for digest, s in self.sessions.items()]}
 
     def peers(self) -> list[dict]:
