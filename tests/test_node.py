@@ -59,3 +59,37 @@ def test_the_setting_comes_from_its_environment_variable(tmp_path):
     config = load_config(env={"P2PULL_PEER_TCP_CONGESTION": "reno"}, data_dir=tmp_path)
     assert config.peer_tcp_congestion == "reno"
     assert load_config(env={}, data_dir=tmp_path).peer_tcp_congestion is None
+
+
+async def test_control_frames_queued_behind_a_piece_all_go_out_at_the_next_turn():
+    """A piece holds the link's send lock for its whole payload. Every control frame queued
+    meanwhile (Haves, Requests) is sent at the next turn, before the next piece: at a turn
+    per frame, one would pass per piece and the rest would wait for seconds."""
+    import trio
+    import trio.testing
+
+    from p2pull.net.node import PeerLink
+    from p2pull.wire import Have
+
+    ours, theirs = trio.testing.memory_stream_pair()
+    sent: list[bytes] = []
+    conn = SimpleNamespace(send=lambda message: repr(message).encode() + b";")
+    link = PeerLink("peer", "127.0.0.1", 7420, True, ours, conn)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(Node._write_outbox, None, link)  # the link's writer task
+        async with link.send_lock:  # a piece is going out
+            for index in range(5):
+                link.send(Have("sha256:" + "ab" * 32, index))
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(link.write, [b"next-piece;"])
+            await trio.testing.wait_all_tasks_blocked()
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(5):
+            while b"next-piece;" not in b"".join(sent):
+                sent.append(await theirs.receive_some())
+        nursery.cancel_scope.cancel()
+    frames = b"".join(sent).split(b";")[:-1]
+    assert [b"index=" + str(i).encode() in frame for i, frame in enumerate(frames[:5])] == \
+        [True] * 5
+    assert frames[5] == b"next-piece"
+    assert link.bytes_out == len(b"".join(sent))

@@ -185,6 +185,26 @@ class PeerLink:
                     await self.stream.send_all(buffer)
                     self.bytes_out += len(buffer)
 
+    async def write_queued(self, first: bytes) -> None:
+        """Send control frame ``first`` and every one queued behind it, also those queued
+        while this write waited or ran, in one turn of the send lock. A piece holds the
+        lock while its whole payload goes out: at a turn per frame, one Have or Request
+        passed per piece, and on a busy link they waited behind each other for seconds
+        (p90 2-3 s in the namespace lab)."""
+        frames = [first]
+        async with self.send_lock:
+            while frames:
+                data = b"".join(frames)
+                with trio.fail_after(SEND_TIMEOUT):
+                    await self.stream.send_all(data)
+                self.bytes_out += len(data)
+                frames = []
+                while True:
+                    try:
+                        frames.append(self.outbox_receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+
     async def write_from_file(self, head: bytes, chunk: "OutgoingChunk") -> None:
         """Send ``head`` and then ``chunk``'s bytes straight from its file by sendfile: no
         copy through this process, which costs a serving daemon more CPU than anything
@@ -480,7 +500,7 @@ class Node:
 
     async def _write_outbox(self, link: PeerLink) -> None:
         async for frame in link.outbox_receive:
-            await link.write([frame])
+            await link.write_queued(frame)
 
     async def _read(self, link: PeerLink, pending: list) -> None:
         for event in pending:
