@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from p2pull.core.bitmap import Bitmap
 from p2pull.core.chunks import ChunkPlan
-from p2pull.core.responsibility import responsible_node
+from p2pull.core.responsibility import ranking, responsible_node
 from p2pull.core.swarm import (
     AnnounceHave, BanPeer, BlobCorrupt, BlobSwarm, Completed, FetchFromOrigin, OriginFailed,
     PeerAlive, PeerHave, PeerJoined, PeerLeft, PieceFailed, PieceVerified, SendCancel, SendRequest,
@@ -178,7 +178,7 @@ def test_a_live_responsible_node_is_waited_for():
     nodes = ["me", "a"]
     theirs = [i for i in range(40) if responsible_node(BLOB, i, nodes) == "a"]
     mine = [i for i in range(40) if i not in theirs]
-    s = swarm(40, max_origin_in_flight=100)
+    s = swarm(40, max_origin_in_flight=100, origin_help_in_flight=0)  # the waiting rule only
     s.handle(PeerJoined("a", Bitmap(40)), 0.0)
     s.handle(Tick(), 0.0)
     now = 0.0
@@ -192,11 +192,75 @@ def test_a_live_responsible_node_is_waited_for():
     assert {a.index for a in of(actions, FetchFromOrigin)} == set(theirs)
 
 
+def test_origin_help_takes_the_top_of_a_slow_first_nodes_share_once_ours_is_done():
+    """"a" ranks first for about half of 60 chunks and fetches them slowly (bottom up):
+    once our share is in, each Tick asks the origin for the highest of its chunks, at most
+    two at a time, and only those with origin_help_margin of its chunks below them."""
+    theirs = sorted(i for i in range(60) if responsible_node(BLOB, i, ["me", "a"]) == "a")
+    s = swarm(60, max_origin_in_flight=100, origin_help_margin=8)
+    s.handle(PeerJoined("a", Bitmap(60)), 0.0)
+    mine = {a.index for a in of(s.handle(Tick(), 0.0), FetchFromOrigin)}
+    assert mine and not mine & set(theirs)
+    *rest, last = sorted(mine)
+    for index in rest:
+        s.handle(PieceVerified(None, index, CHUNK), 0.5)
+    s.handle(PeerAlive("a", progressed=True), 0.6)
+    assert not of(s.handle(Tick(), 0.6), FetchFromOrigin)  # one of ours still coming
+    s.handle(PieceVerified(None, last, CHUNK), 0.7)
+    helped = [a.index for a in of(s.handle(Tick(), 0.8), FetchFromOrigin)]
+    assert helped == theirs[-1:-3:-1]  # the top two, highest first
+    assert not of(s.handle(Tick(), 0.9), FetchFromOrigin)  # two under way: no more
+    now, fetched = 1.0, list(helped)
+    while True:  # ours arrive; "a" is live but has delivered nothing
+        for index in helped:
+            s.handle(PieceVerified(None, index, CHUNK), now)
+        s.handle(PeerAlive("a", progressed=True), now)
+        helped = [a.index for a in of(s.handle(Tick(), now), FetchFromOrigin)]
+        if not helped:
+            break
+        fetched += helped
+        now += 0.1
+    # everything above "a"'s eighth-lowest chunk, never those it reaches first
+    assert sorted(fetched) == theirs[8:]
+    assert s.origin_work()[0] == 0
+
+
+def test_origin_help_needs_us_second_and_the_first_node_live():
+    nodes = ["me", "a", "b"]
+    chunks = 90
+    s = swarm(chunks, max_origin_in_flight=100, origin_help_margin=0)
+    s.handle(PeerJoined("a", Bitmap(chunks)), 0.0)
+    s.handle(PeerJoined("b", Bitmap(chunks)), 0.0)
+    mine = {a.index for a in of(s.handle(Tick(), 0.0), FetchFromOrigin)}
+    for index in mine:
+        s.handle(PieceVerified(None, index, CHUNK), 0.5)
+    helped = {a.index for a in of(s.handle(Tick(), 0.6), FetchFromOrigin)}
+    assert len(helped) == 2
+    assert all(ranking(BLOB, index, nodes)[1] == "me" for index in helped)
+    # both silent past origin_wait_limit: the waiting rule fetches their chunks, not help
+    later = s.handle(Tick(), 3.0)
+    assert {a.index for a in of(later, FetchFromOrigin)} == set(range(chunks)) - mine - helped
+
+
+def test_origin_help_is_off_in_larger_swarms():
+    s = swarm(40, max_origin_in_flight=100, origin_help_members=1, origin_help_margin=0)
+    s.handle(PeerJoined("a", Bitmap(40)), 0.0)
+    s.handle(PeerJoined("b", Bitmap(40)), 0.0)
+    mine = {a.index for a in of(s.handle(Tick(), 0.0), FetchFromOrigin)}
+    for index in mine:
+        s.handle(PieceVerified(None, index, CHUNK), 0.5)
+    for name in ("a", "b"):
+        s.handle(PeerAlive(name, progressed=True), 0.6)
+    assert not of(s.handle(Tick(), 0.6), FetchFromOrigin)
+
+
 def two_node_origin_duty() -> tuple[BlobSwarm, set[int], set[int]]:
     """"me" and "a" share origin duty for 40 chunks (stall limit 10 s): the swarm after its
-    first Tick, the chunks "a" is responsible for, and those the Tick fetched."""
+    first Tick, the chunks "a" is responsible for, and those the Tick fetched. Origin help
+    is off: these tests pin the waiting rule."""
     theirs = {i for i in range(40) if responsible_node(BLOB, i, ["me", "a"]) == "a"}
-    s = swarm(40, max_origin_in_flight=100, origin_wait_limit=2.0, origin_stall_limit=10.0)
+    s = swarm(40, max_origin_in_flight=100, origin_wait_limit=2.0, origin_stall_limit=10.0,
+              origin_help_in_flight=0)
     s.handle(PeerJoined("a", Bitmap(40)), 0.0)
     return s, theirs, {a.index for a in of(s.handle(Tick(), 0.0), FetchFromOrigin)}
 
@@ -233,7 +297,7 @@ def test_liveness_from_the_driver_counts_as_peer_alive():
     theirs = {i for i in range(40) if responsible_node(BLOB, i, ["me", "a"]) == "a"}
     s = BlobSwarm(BLOB, plan(40), "me", Bitmap(40),
                   SwarmConfig(max_origin_in_flight=100, origin_wait_limit=2.0,
-                              origin_stall_limit=10.0),
+                              origin_stall_limit=10.0, origin_help_in_flight=0),
                   random.Random(0), liveness=seen.__getitem__)
     s.handle(PeerJoined("a", Bitmap(40)), 0.0)
     fetched = {a.index for a in of(s.handle(Tick(), 0.0), FetchFromOrigin)}

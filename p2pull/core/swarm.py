@@ -102,8 +102,28 @@ class SwarmConfig:
     assumed_throughput: float = 8 * 1024 * 1024
     #: weight of a new throughput sample in a peer's EWMA
     throughput_smoothing: float = 0.25
+    #: origin help: a node with none of its own origin chunks left fetches, from the last
+    #: index down, orphans it ranks second for while the live node ranking first still
+    #: has them to do, at most this many at once. Nodes fetch their origin shares at
+    #: uneven rates (a node whose uplink is saturated gets its origin data slowly), and
+    #: without help the swarm's last chunks wait for the slowest share while the origin
+    #: idles; from the other end, the two meet with about one chunk fetched twice. 0
+    #: turns it off.
+    origin_help_in_flight: int = 2
+    #: origin help is for swarms of at most this many interested nodes: it ranks every
+    #: member for each orphan it considers, and in a larger swarm each node's share of
+    #: the origin, and so the tail a slow share makes, is small
+    origin_help_members: int = 32
+    #: origin help takes a chunk only if at least this many of the first node's orphans
+    #: lie below it: that node fetches its share in ascending order, with as many
+    #: requests under way as its origin connections, and those must not be fetched twice
+    origin_help_margin: int = 8
 
     def __post_init__(self):
+        if min(self.origin_help_in_flight, self.origin_help_members,
+               self.origin_help_margin) < 0:
+            raise ValueError("origin_help_in_flight, origin_help_members and "
+                             "origin_help_margin must not be negative")
         if self.pipeline_depth < 1 or self.endgame_duplicates < 1 or \
                 self.max_origin_in_flight < 1:
             raise ValueError("pipeline_depth, endgame_duplicates and max_origin_in_flight "
@@ -321,6 +341,7 @@ class BlobSwarm:
         self._chunk_keys: dict[int, int] = {}
         self._urgent = 0
         self._forced = 0  # chunks to take from the origin only (after BlobCorrupt)
+        self._helping = 0  # orphans queued or fetched for the origin as help
         self._origin = 0  # chunks being fetched from the origin
         self._origin_count = 0
         self._queued = 0  # chunks queued for the origin
@@ -689,6 +710,60 @@ class BlobSwarm:
                 if self._book.has_capacity(name):
                     self._set_free(peer)
                     self._fill(peer)
+        if self._started and self.config.origin_help_in_flight:
+            self._help_origin()
+
+    def _help_origin(self) -> None:
+        """Origin help (``SwarmConfig.origin_help_in_flight``), decided on each Tick: with
+        none of our own origin chunks left, take the highest orphans we rank second for,
+        each with at least origin_help_margin of its first node's orphans below it. A node
+        fetches its share in ascending order, so these are the ones it reaches last, and
+        the chunks it has under way are not among them."""
+        config = self.config
+        if len(self._members) > config.origin_help_members:
+            return
+        helping = self._helping & (self._queued | self._origin)
+        self._helping = helping
+        if (self._queued | self._origin) ^ helping:
+            return  # our own share first
+        free = config.origin_help_in_flight - helping.bit_count()
+        if free <= 0:
+            return
+        taken = self._queued | self._origin
+        me, self_key = self.node_id, self._self_key
+        members = list(self._members.items())
+        below: dict[str, int] = {}  # per first node: its orphans seen so far
+        chosen = []
+        for index in set_bits(self._rarity.orphans):
+            key = self._chunk_key(index)
+            mine = xxh3_64_intdigest(self_key, key)
+            first, top, outranking = None, (mine, me), 0
+            for name, peer in members:
+                rank = (xxh3_64_intdigest(peer.key, key), name)
+                if rank > (mine, me):
+                    outranking += 1
+                    if rank > top:
+                        first, top = peer, rank
+            if first is None:
+                continue
+            ahead = below.get(first.name, 0)
+            below[first.name] = ahead + 1
+            if outranking == 1 and ahead >= config.origin_help_margin and \
+                    not taken >> index & 1 and self._live(first):
+                chosen.append(index)
+        for index in reversed(chosen[-free:]):
+            helping |= 1 << index
+            self._queue_origin(index)
+        self._helping = helping
+
+    def _live(self, peer: _Peer) -> bool:
+        """Heard from within origin_wait_limit and progress within the stall limit."""
+        heard, progressed = peer.heard, peer.progressed
+        if self._liveness is not None:
+            known_heard, known_progressed = self._liveness(peer.name)
+            heard, progressed = max(heard, known_heard), max(progressed, known_progressed)
+        return min(heard + self.config.origin_wait_limit,
+                   progressed + self._stall_limit()) > self._now
 
     def _on_urgent(self, event: Urgent) -> None:
         mask = 0
