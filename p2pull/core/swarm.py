@@ -37,6 +37,10 @@ How chunks are sourced
   (no Have, no piece) for ``origin_stall_limit``. So a dead first node costs
   one wait and one extra fetch (by the second node), not one fetch per node, and a slow but
   live first node costs nothing. A Have from any peer ends the wait: the chunk goes to it.
+- Origin help: a node whose own origin chunks are all in takes, from the top down and a
+  few at a time, orphans it ranks second for while the live first node still has at least
+  ``origin_help_margin`` of its orphans below them (``_help_origin``): nodes fetch their
+  shares at uneven rates, and the swarm's last chunks would otherwise wait for the slowest.
 - At most ``max_origin_in_flight`` origin fetches at once; the rest queue (urgent first).
 - Endgame: once every missing chunk is in flight, each free peer holding an in-flight chunk
   is asked for it too, up to ``endgame_duplicates`` sources per chunk; the first piece wins
@@ -116,8 +120,9 @@ class SwarmConfig:
     origin_help_members: int = 32
     #: origin help takes a chunk only if at least this many of the first node's orphans
     #: lie below it: that node fetches its share in ascending order, with as many
-    #: requests under way as its origin connections, and those must not be fetched twice
-    origin_help_margin: int = 8
+    #: requests under way as its origin connections (the daemon's origin_max_connections,
+    #: 16), and those must not be fetched twice
+    origin_help_margin: int = 16
 
     def __post_init__(self):
         if min(self.origin_help_in_flight, self.origin_help_members,
