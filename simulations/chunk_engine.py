@@ -50,8 +50,8 @@ from p2pull.core.chunks import ChunkPlan
 from p2pull.core.ratelimit import UploadSlots
 from p2pull.core.swarm import (AnnounceHave, BlobSwarm, Completed, FetchFromOrigin, PeerAlive,
                                PeerHave,
-                               PeerJoined, PeerLeft, PieceFailed, PieceVerified, SendCancel,
-                               SendRequest, Tick)
+                               PeerJoined, PeerLeft, OriginDropped, PieceFailed,
+                               PieceVerified, SendCancel, SendRequest, Tick)
 from simulations.bound import bound_of
 from simulations.network import FlowNetwork
 from simulations.scenario import Scenario
@@ -661,8 +661,14 @@ class ChunkEngine:
         limit = self.scenario.origin_connections
         while queue and self.origin_active[node] < limit:
             blob, index = queue.popleft()
-            if swarms[blob].holds(index):
+            swarm = swarms[blob]
+            if swarm.holds(index):
                 continue  # a peer delivered it meanwhile
+            if not swarm.origin_needed(index):  # a peer holds it now: the swarm asks it
+                acts = swarm.handle(OriginDropped(index), now)
+                if acts:
+                    self._apply(node, blob, acts, now)
+                continue
             self.origin_active[node] += 1
             self._origin_hop(now, _ORIGIN, node, blob, index)
 

@@ -17,8 +17,8 @@ from p2pull.core.chunks import ChunkPlan
 from p2pull.core.responsibility import ranking, responsible_node
 from p2pull.core.swarm import (
     AnnounceHave, BanPeer, BlobCorrupt, BlobSwarm, Completed, FetchFromOrigin, OriginFailed,
-    PeerAlive, PeerHave, PeerJoined, PeerLeft, PieceFailed, PieceVerified, SendCancel, SendRequest,
-    SwarmConfig, Tick, Urgent,
+    OriginDropped, PeerAlive, PeerHave, PeerJoined, PeerLeft, PieceFailed, PieceVerified,
+    SendCancel, SendRequest, SwarmConfig, Tick, Urgent,
 )
 from p2pull.errors import ProtocolError
 
@@ -223,6 +223,23 @@ def test_origin_help_takes_the_top_of_a_slow_first_nodes_share_once_ours_is_done
     # everything above "a"'s eighth-lowest chunk, never those it reaches first
     assert sorted(fetched) == theirs[8:]
     assert s.origin_work()[0] == 0
+
+
+def test_an_origin_chunk_a_peer_got_meanwhile_is_dropped_and_asked_of_the_peer():
+    """The driver queues origin chunks; one that a helper fetched and announced while it
+    waited is not fetched again: origin_needed says so, and OriginDropped sends it to the
+    peer."""
+    s = swarm(4)
+    s.handle(PeerJoined("helper", Bitmap(4)), 0.0)
+    queued = sorted(a.index for a in of(s.handle(Tick(), 0.0), FetchFromOrigin))
+    assert queued and all(s.origin_needed(i) for i in queued)
+    index = queued[-1]
+    assert s.handle(PeerHave("helper", index), 0.1) == []  # in flight: nothing to ask yet
+    assert not s.origin_needed(index)
+    assert requests(s.handle(OriginDropped(index), 0.2)) == [("helper", index)]
+    assert index not in s.fetching_from_origin
+    s.handle(PieceVerified("helper", index, CHUNK), 0.3)
+    assert s.holds(index) and not s.origin_needed(index)
 
 
 def test_origin_help_needs_us_second_and_the_first_node_live():

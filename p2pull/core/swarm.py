@@ -206,6 +206,15 @@ class OriginFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class OriginDropped:
+    """The driver did not fetch chunk ``index`` from the origin after all, because
+    ``origin_needed`` said a peer holds it now (origin help fetched it while it waited in
+    the driver's queue); the swarm asks peers for it."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     pass
 
@@ -373,6 +382,7 @@ class BlobSwarm:
             PeerHave: self._on_have, PieceVerified: self._on_verified,
             PeerJoined: self._on_joined, PeerLeft: self._on_left,
             PieceFailed: self._on_failed, OriginFailed: self._on_origin_failed,
+            OriginDropped: self._on_origin_failed,
             Tick: self._on_tick, Urgent: self._on_urgent, BlobCorrupt: self._on_corrupt,
         }
 
@@ -488,6 +498,15 @@ class BlobSwarm:
         peer holds)."""
         mine = self._queued | self._origin
         return mine.bit_count(), (mine | self._rarity.orphans).bit_count()
+
+    def origin_needed(self, index: int) -> bool:
+        """Whether chunk ``index``, handed to the driver for the origin, is still to be
+        fetched there: we miss it, and no peer holds it or it must come from the origin.
+        A driver that queues origin chunks asks before each; for a chunk not needed, it
+        reports ``OriginDropped``."""
+        bit = 1 << index
+        return bool(self._missing & bit) and bool(self._forced & bit or
+                                                   not self._rarity.avail[index])
 
     def accepts_piece(self, peer: str, index: int) -> bool:
         """Whether a piece of ``index`` from ``peer`` may be written and then reported

@@ -22,8 +22,8 @@ from p2pull.core.policy import AdaptiveConcurrency
 from p2pull.core.ratelimit import TokenBucket
 from p2pull.core.refs import Ref
 from p2pull.core.swarm import (AnnounceHave, BanPeer, BlobCorrupt, BlobSwarm, Completed,
-                               FetchFromOrigin, PieceFailed, PieceVerified, SendCancel,
-                               SendRequest, SwarmConfig, Tick, Urgent)
+                               FetchFromOrigin, OriginDropped, PieceFailed, PieceVerified,
+                               SendCancel, SendRequest, SwarmConfig, Tick, Urgent)
 from p2pull.errors import IntegrityError, OriginError, first_error
 from p2pull.origin.client import OriginClient
 from p2pull.origin.manifest import Descriptor
@@ -536,11 +536,12 @@ class BlobSession:
     async def fetch_from_origin(self, first: int, count: int, pool: _OriginPool) -> None:
         """Fetch chunks ``first .. first+count-1`` with one HTTP Range request, write them as
         they stream in, and commit each with the xxh3 of exactly the bytes written. Chunks
-        that peers delivered since the run was queued are not asked for, and the request
-        stops once the rest of its range is held."""
-        while count and self.holds(first):
+        that peers delivered since the run was queued are not asked for, nor those at its
+        ends that a peer holds now (they go back to the swarm), and the request stops once
+        the rest of its range is held."""
+        while count and not self._origin_wanted(first):
             first, count = first + 1, count - 1
-        while count and self.holds(first + count - 1):
+        while count and not self._origin_wanted(first + count - 1):
             count -= 1
         if not count or self.partial is None or self.partial.bitmap.complete:
             return
@@ -564,6 +565,18 @@ class BlobSession:
                                                   on_pushback=pool.on_pushback, host=self.host)
             finally:
                 self.progress.held -= writer.uncommitted
+
+
+    def _origin_wanted(self, index: int) -> bool:
+        """Chunk ``index``, queued for the origin, is still to be fetched there. One a peer
+        holds now (origin help fetched it while it waited here) is handed back to the
+        swarm, which asks the peer for it."""
+        if self.holds(index):
+            return False
+        if self.swarm is not None and not self.swarm.origin_needed(index):
+            self.apply(OriginDropped(index))
+            return False
+        return True
 
 
 class _ChunkWriter:
