@@ -111,8 +111,8 @@ class SwarmConfig:
     #: has them to do, at most this many at once. Nodes fetch their origin shares at
     #: uneven rates (a node whose uplink is saturated gets its origin data slowly), and
     #: without help the swarm's last chunks wait for the slowest share while the origin
-    #: idles; from the other end, the two meet with about one chunk fetched twice. 0
-    #: turns it off.
+    #: idles. A chunk helped while it waited in the first node's queue is not fetched
+    #: again (``origin_needed``); 0 turns help off.
     origin_help_in_flight: int = 2
     #: origin help is for swarms of at most this many interested nodes: it ranks every
     #: member for each orphan it considers, and in a larger swarm each node's share of
@@ -754,6 +754,7 @@ class BlobSwarm:
         if free <= 0:
             return
         taken = self._queued | self._origin
+        stall = self._stall_limit()
         me, self_key = self.node_id, self._self_key
         members = list(self._members.items())
         below: dict[str, int] = {}  # per first node: its orphans seen so far
@@ -773,21 +774,25 @@ class BlobSwarm:
             ahead = below.get(first.name, 0)
             below[first.name] = ahead + 1
             if outranking == 1 and ahead >= config.origin_help_margin and \
-                    not taken >> index & 1 and self._live(first):
+                    not taken >> index & 1 and self._alive_until(first, stall) > self._now:
                 chosen.append(index)
         for index in reversed(chosen[-free:]):
             helping |= 1 << index
             self._queue_origin(index)
         self._helping = helping
 
-    def _live(self, peer: _Peer) -> bool:
-        """Heard from within origin_wait_limit and progress within the stall limit."""
+    def _alive_until(self, peer: _Peer, stall: float) -> float:
+        """Until when ``peer`` counts as live: origin_wait_limit after we last heard from it,
+        and ``stall`` after it last showed progress (what our events and the driver's
+        ``liveness`` say, whichever is later)."""
         heard, progressed = peer.heard, peer.progressed
         if self._liveness is not None:
             known_heard, known_progressed = self._liveness(peer.name)
-            heard, progressed = max(heard, known_heard), max(progressed, known_progressed)
-        return min(heard + self.config.origin_wait_limit,
-                   progressed + self._stall_limit()) > self._now
+            if known_heard > heard:
+                heard = known_heard
+            if known_progressed > progressed:
+                progressed = known_progressed
+        return min(heard + self.config.origin_wait_limit, progressed + stall)
 
     def _on_urgent(self, event: Urgent) -> None:
         mask = 0
@@ -1066,19 +1071,10 @@ class BlobSwarm:
         key = self._chunk_key(index)
         mine = xxh3_64_intdigest(self._self_key, key)
         me = self.node_id
-        liveness = self._liveness
         for name, peer in self._members.items():
             theirs = xxh3_64_intdigest(peer.key, key)
             if theirs > mine or (theirs == mine and name > me):
-                heard, progressed = peer.heard, peer.progressed
-                if liveness is not None:
-                    known_heard, known_progressed = liveness(name)
-                    if known_heard > heard:
-                        heard = known_heard
-                    if known_progressed > progressed:
-                        progressed = known_progressed
-                alive_until = min(heard + limit, progressed + stall)
-                until = max(since + limit, alive_until)
+                until = max(since + limit, self._alive_until(peer, stall))
                 if until > now:
                     self._watch(index, name, until)
                     return
