@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 
-from benchmarks.lab.run import _daemon_bytes
+from benchmarks.lab.run import _daemon_sample
 
 
 def api(status: dict | None) -> httpx.Client:
@@ -22,11 +22,11 @@ def test_a_sample_sums_the_swarms_of_every_session():
               "sessions": [{"swarm": swarm},
                            {"swarm": {key: 1 for key in swarm}},
                            {"swarm": None}]}  # not started yet
-    origin, to_peers, summed = _daemon_bytes(api(status))
+    origin, to_peers, summed = _daemon_sample(api(status))
     assert (origin, to_peers) == (7, 9)
     assert summed == {key: value + 1 for key, value in swarm.items()}
 
 
 def test_a_daemon_that_does_not_answer_gives_no_sample():
-    assert _daemon_bytes(api(None)) is None
-    assert _daemon_bytes(api({"origin_bytes": 1})) is None  # not a status
+    assert _daemon_sample(api(None)) is None
+    assert _daemon_sample(api({"origin_bytes": 1})) is None  # not a status

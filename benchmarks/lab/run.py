@@ -180,7 +180,7 @@ class Sampler:
         self._cpu = (busy, total)
         self.samples.append((time.monotonic() - self.started, counters, share))
         if self.apis:
-            self.daemon_samples.append({name: _daemon_bytes(api)
+            self.daemon_samples.append({name: _daemon_sample(api)
                                         for name, api in self.apis.items()})
 
     def timeline(self) -> dict:
@@ -213,7 +213,7 @@ class Sampler:
         return round(statistics.mean(shares), 3) if shares else None
 
 
-def _daemon_bytes(api: httpx.Client) -> tuple[int, int, dict] | None:
+def _daemon_sample(api: httpx.Client) -> tuple[int, int, dict] | None:
     """(bytes from the origin, bytes to peers, its swarms' snapshot summed over sessions) a
     daemon counted so far; None if it did not answer."""
     try:
