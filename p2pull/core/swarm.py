@@ -746,14 +746,14 @@ class BlobSwarm:
         config = self.config
         if len(self._members) > config.origin_help_members:
             return
-        helping = self._helping & (self._queued | self._origin)
+        taken = self._queued | self._origin
+        helping = self._helping & taken
         self._helping = helping
-        if (self._queued | self._origin) ^ helping:
+        if taken ^ helping:
             return  # our own share first
         free = config.origin_help_in_flight - helping.bit_count()
         if free <= 0:
             return
-        taken = self._queued | self._origin
         stall = self._stall_limit()
         me, self_key = self.node_id, self._self_key
         members = list(self._members.items())
