@@ -150,3 +150,37 @@ def test_bad_parameters():
         RequestBook(pipeline_depth=0)
     with pytest.raises(ValueError):
         RequestBook(assumed_throughput=0)
+
+
+def test_a_request_queued_behind_ours_at_a_busy_peer_does_not_expire():
+    """Its time runs from the piece before it (fails if every request's time ran from its
+    sending: request 2 would expire at 5.0 and the chunk be fetched twice)."""
+    b = book(pipeline_depth=4, timeout_min=5.0)
+    for index in range(3):
+        b.add("p", index, 0.0, 1)
+    b.complete("p", 0, 1, 4.0)
+    b.complete("p", 1, 1, 8.0)
+    assert b.expired(12.9) == []
+    assert [r.index for r in b.expired(13.1)] == [2]  # 8.0 + 5.0: the peer stopped
+    assert b.failures("p") == 1
+
+
+def test_a_silent_peer_lets_each_request_expire_one_time_after_its_sending():
+    """Not one time after the request before it expired: a peer that sends nothing is
+    not serving the one before either."""
+    b = book(pipeline_depth=4, timeout_min=5.0)
+    b.add("p", 0, 0.0, 1)
+    b.add("p", 1, 1.0, 1)
+    assert b.expired(4.9) == []
+    assert [r.index for r in b.expired(5.9)] == [0]
+    assert [r.index for r in b.expired(6.0)] == [1]
+
+
+def test_throughput_is_measured_from_the_previous_piece():
+    """The second piece waited behind the first: its sample is its own second, not two."""
+    b = book(pipeline_depth=4)
+    b.add("p", 0, 0.0, MIB)
+    b.add("p", 1, 0.0, MIB)
+    b.complete("p", 0, MIB, 1.0)
+    b.complete("p", 1, MIB, 2.0)
+    assert b.throughput("p") == pytest.approx(MIB)

@@ -454,6 +454,10 @@ def phase_p2pull(ctx: Context, round_no: int) -> dict:
                       "from_origin": result["from_origin"] if result else None,
                       "from_peers": result["from_peers"] if result else None,
                       "to_peers": status.get("bytes_to_peers"),
+                      # pieces that arrived and were not kept (endgame duplicates, pieces
+                      # of chunks held or cancelled meanwhile): download capacity lost
+                      "peer_bytes_dropped": status["bytes_from_peers"] - result["from_peers"]
+                      if result and "bytes_from_peers" in status else None,
                       "chunks_rejected": status.get("chunks_rejected"),
                       # the daemon's CPU seconds (user + system) over the phase
                       "cpu_seconds": cpu,
@@ -908,7 +912,7 @@ def print_report(report: dict, out=sys.stdout) -> None:
         phases = [ph for ph in PHASES if ph in results]
         w(f"{'node':6}" + "".join(f"{ph:>22}" for ph in phases) +
           f"{'p2pull origin MiB':>19}{'peers MiB':>11}{'to peers MiB':>14}"
-          f"{'began s':>9}\n")
+          f"{'dropped MiB':>13}{'began s':>9}\n")
         for i, node in enumerate(results["p2pull"]["nodes"]):
             w(f"{node['node']:6}")
             for ph in phases:
@@ -920,7 +924,8 @@ def print_report(report: dict, out=sys.stdout) -> None:
                     cell += " !"
                 w(f"{cell:>22}")
             w(f"{_mib(node['from_origin']):>19}{_mib(node['from_peers']):>11}"
-              f"{_mib(node.get('to_peers')):>14}{_fmt(node.get('began_seconds'), '.2f'):>9}\n")
+              f"{_mib(node.get('to_peers')):>14}{_mib(node.get('peer_bytes_dropped')):>13}"
+              f"{_fmt(node.get('began_seconds'), '.2f'):>9}\n")
         for node in (n for ph in phases for n in results[ph]["nodes"] if not n["ok"]):
             w(f"  ! {node['node']}: {node['error']}\n")
     s = report["summary"]

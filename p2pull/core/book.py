@@ -12,7 +12,8 @@ import heapq
 from dataclasses import dataclass
 
 #: a request expires after this many times the time the peer's measured rate needs for the
-#: chunk (it may be queued behind the rest of our pipeline there)
+#: chunk, counted once it is the oldest of ours there (a peer serves a link's requests in
+#: order): the margin covers the other requesters the peer's uplink serves meanwhile
 TIMEOUT_RATE_FACTOR = 4.0
 #: elapsed times shorter than this are measured as this, so an instant reply (a test, a
 #: loopback peer) does not produce an infinite rate
@@ -32,8 +33,12 @@ class PeerRecord:
     """What we measured of one peer: it outlives the peer's connection, so a peer that comes
     back is judged on its past."""
 
-    #: EWMA of bytes per second per request, from send to verified piece (None: unmeasured)
+    #: EWMA of bytes per second per request, from the later of its sending and the peer's
+    #: previous piece to its verified piece: the peer's rate for us, not our queue there
+    #: (None: unmeasured)
     throughput: float | None = None
+    #: when the peer's last piece arrived (None: none yet)
+    last_piece_at: float | None = None
     #: pieces received and verified
     successes: int = 0
     #: requests that expired, came back busy, rejected or in error
@@ -97,8 +102,7 @@ class RequestBook:
             self._by_index[index] = {peer: request}
         else:
             peers[peer] = request
-        self._seq += 1
-        heapq.heappush(self._expiry, (request.expires_at, self._seq, request))
+        self._reschedule(request.expires_at, request)
         return request
 
     def _remove(self, peer: str, index: int) -> Request | None:
@@ -123,11 +127,19 @@ class RequestBook:
         record.successes += 1
         record.penalty /= 2
         if request is not None:
-            sample = nbytes / max(MIN_ELAPSED, now - request.sent_at)
+            sample = nbytes / max(MIN_ELAPSED, now - self._service_start(request, record))
             old = record.throughput
             record.throughput = sample if old is None else \
                 old + self.smoothing * (sample - old)
+        record.last_piece_at = now
         return request
+
+    @staticmethod
+    def _service_start(request: Request, record: PeerRecord | None) -> float:
+        """When the peer began on ``request``, as far as we can tell: when it was sent or
+        when the piece before it arrived, whichever is later."""
+        last = record.last_piece_at if record is not None else None
+        return request.sent_at if last is None else max(request.sent_at, last)
 
     def fail(self, peer: str, index: int) -> Request | None:
         """The request failed (busy, rejected, error): close it and count a failure."""
@@ -151,17 +163,37 @@ class RequestBook:
 
     def expired(self, now: float) -> list[Request]:
         """Close and return the requests whose time ran out at ``now`` (each counts as a
-        failure of its peer), soonest expiry first."""
+        failure of its peer), soonest expiry first.
+
+        A request's time (``expires_at - sent_at``) runs only while it is the oldest of
+        ours at its peer, from its sending or the peer's previous piece, whichever is
+        later: the peer serves our requests in order, so one queued behind our others
+        there is not late, and expiring it would fetch the chunk twice (the peer sends it
+        anyway, unless our cancel overtakes it). A peer that stops sending lets all our
+        requests there expire one time after its last piece (or their sending)."""
         found = []
         heap = self._expiry
         while heap and heap[0][0] <= now:
             request = heapq.heappop(heap)[2]
             live = self._by_peer.get(request.peer)
-            if live is not None and live.get(request.index) is request:
-                self._remove(request.peer, request.index)
-                self._count_failure(request.peer)
-                found.append(request)
+            if live is None or live.get(request.index) is not request:
+                continue  # closed meanwhile
+            allowed = request.expires_at - request.sent_at
+            if next(iter(live.values())) is not request:  # its time has not begun
+                self._reschedule(now + allowed, request)
+                continue
+            due = self._service_start(request, self._records.get(request.peer)) + allowed
+            if due > now:
+                self._reschedule(due, request)
+                continue
+            self._remove(request.peer, request.index)
+            self._count_failure(request.peer)
+            found.append(request)
         return found
+
+    def _reschedule(self, when: float, request: Request) -> None:
+        self._seq += 1
+        heapq.heappush(self._expiry, (when, self._seq, request))
 
     def next_expiry(self) -> float | None:
         """When ``expired`` may next return something (possibly early: entries for closed
