@@ -180,10 +180,14 @@ class PeerLink:
 
     async def write(self, buffers) -> None:
         async with self.send_lock:
-            with trio.fail_after(SEND_TIMEOUT):
-                for buffer in buffers:
-                    await self.stream.send_all(buffer)
-                    self.bytes_out += len(buffer)
+            await self._send_locked(buffers)
+
+    async def _send_locked(self, buffers) -> None:
+        """Send ``buffers`` (the send lock held), all within SEND_TIMEOUT, counted."""
+        with trio.fail_after(SEND_TIMEOUT):
+            for buffer in buffers:
+                await self.stream.send_all(buffer)
+                self.bytes_out += len(buffer)
 
     async def write_queued(self, first: bytes) -> None:
         """Send control frame ``first`` and every one queued behind it, also those queued
@@ -194,10 +198,7 @@ class PeerLink:
         frames = [first]
         async with self.send_lock:
             while frames:
-                data = b"".join(frames)
-                with trio.fail_after(SEND_TIMEOUT):
-                    await self.stream.send_all(data)
-                self.bytes_out += len(data)
+                await self._send_locked((b"".join(frames),))
                 frames = []
                 while True:
                     try:
