@@ -102,7 +102,7 @@ class RequestBook:
             self._by_index[index] = {peer: request}
         else:
             peers[peer] = request
-        self._reschedule(request.expires_at, request)
+        self._schedule_expiry(request.expires_at, request)
         return request
 
     def _remove(self, peer: str, index: int) -> Request | None:
@@ -180,18 +180,18 @@ class RequestBook:
                 continue  # closed meanwhile
             allowed = request.expires_at - request.sent_at
             if next(iter(live.values())) is not request:  # its time has not begun
-                self._reschedule(now + allowed, request)
+                self._schedule_expiry(now + allowed, request)
                 continue
             due = self._service_start(request, self._records.get(request.peer)) + allowed
             if due > now:
-                self._reschedule(due, request)
+                self._schedule_expiry(due, request)
                 continue
             self._remove(request.peer, request.index)
             self._count_failure(request.peer)
             found.append(request)
         return found
 
-    def _reschedule(self, when: float, request: Request) -> None:
+    def _schedule_expiry(self, when: float, request: Request) -> None:
         self._seq += 1
         heapq.heappush(self._expiry, (when, self._seq, request))
 
