@@ -28,11 +28,13 @@ def test_constants_are_sane():
     (1, MIN_CHUNK_SIZE),
     (TARGET_CHUNKS_PER_BLOB * MIN_CHUNK_SIZE, MIN_CHUNK_SIZE),
     (TARGET_CHUNKS_PER_BLOB * MIN_CHUNK_SIZE + 1, 2 * MIN_CHUNK_SIZE),
-    (410 * MiB, 1 * MiB),  # the lab's largest layer
-    (1 * GiB, 2 * MiB),
-    (1 * GiB + 1, 4 * MiB),
-    (8 * GiB, MAX_CHUNK_SIZE),
-    (4 * GiB, 8 * MiB),
+    (410 * MiB, 256 * 1024),  # the lab's largest layer
+    (1 * GiB, 512 * 1024),
+    (1 * GiB + 1, 1 * MiB),
+    (4 * GiB, 2 * MiB),
+    (32 * GiB, MAX_CHUNK_SIZE),
+    (32 * GiB - 1, MAX_CHUNK_SIZE),
+    (16 * GiB, 8 * MiB),
     (100 * GiB, MAX_CHUNK_SIZE),
 ])
 def test_known_sizes(size, expected):
@@ -75,7 +77,8 @@ def test_about_target_chunks_until_max_caps(size):
 
 
 def test_every_power_of_two_in_range_is_used():
-    seen = {chunk_size_for(n * MiB) for n in range(0, 8 * 1024, 7)}
+    largest = 2 * MAX_CHUNK_SIZE * TARGET_CHUNKS_PER_BLOB
+    seen = {chunk_size_for(n * MiB) for n in range(0, largest // MiB, 7)}
     size = MIN_CHUNK_SIZE
     while size <= MAX_CHUNK_SIZE:
         assert size in seen
@@ -110,7 +113,7 @@ def test_empty_blob_has_one_empty_chunk():
 def test_for_blob_uses_the_protocol_function_or_the_override():
     assert ChunkPlan.for_blob(5 * GiB).chunk_size == chunk_size_for(5 * GiB)
     assert ChunkPlan.for_blob(5 * GiB, 1 * MiB).chunk_size == 1 * MiB
-    assert ChunkPlan.for_blob(5 * GiB, None).chunk_size == MAX_CHUNK_SIZE
+    assert ChunkPlan.for_blob(100 * GiB, None).chunk_size == MAX_CHUNK_SIZE
 
 
 @pytest.mark.parametrize("index", [-1, 3, 100])
