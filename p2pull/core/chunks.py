@@ -13,9 +13,11 @@ PROTOCOL_VERSION = 2
 #: time when k chunks finish together (DESIGN.md), and a chunk must arrive whole before it
 #: is passed on, so each hop of a chunk costs its size over the link's share. Measured on
 #: the lab's model (8 nodes at 100 Mbit/s; its 410 MiB layer), slowest node: 1 MiB chunks
-#: (512 per blob) 52.2 s, 512 KiB 49.2 s, 256 KiB 47.8 / 47.8 / 49.3 s (T_min 42.95 s),
-#: with 30 % more daemon CPU than 1 MiB. The simulator, which has no TCP queues, ranks
-#: them 46.4 / 48.0 / 46.2 s.
+#: (512 per blob) 52.2 s, 512 KiB 49.2 s, 256 KiB 47.2-49.3 s, median of twelve 47.95 s
+#: (T_min 42.95 s), with up to 30 % more daemon CPU than 1 MiB. The simulator, which has
+#: no TCP queues, ranks them 46.4 / 48.0 / 46.2 s. The cost is on fast links: one peer
+#: over loopback moves a 1 GiB blob in 512 KiB chunks at ~550 MB/s, in 2 MiB at ~750 MB/s
+#: (benchmarks/README.md, peer_throughput).
 TARGET_CHUNKS_PER_BLOB = 2048
 #: below this a ranged request costs more in round trips than it moves
 MIN_CHUNK_SIZE = 256 * 1024
