@@ -566,7 +566,6 @@ class BlobSession:
             finally:
                 self.progress.held -= writer.uncommitted
 
-
     def _origin_wanted(self, index: int) -> bool:
         """Chunk ``index``, queued for the origin, is still to be fetched there. One a peer
         holds now (origin help fetched it while it waited here) is handed back to the
