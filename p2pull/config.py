@@ -71,8 +71,10 @@ class Config:
     upload_when_busy: str = "answer"
     #: upload rate limit in bytes per second, or None for none
     upload_rate: int | None = None
-    #: bytes that may be sent at once above the upload rate
-    upload_burst: int = 64 * 1024 * 1024
+    #: bytes that may be sent at once above the upload rate; None: one second's worth. A
+    #: fixed 64 MiB (the old default) let a node send at line rate for 5-6 s at a time
+    #: under a rate of ~12 MB/s, so a cap below a link's rate hardly ever acted
+    upload_burst: int | None = None
     #: download rate limit (peers and origin together) in bytes per second, or None for
     #: none; bursts of one second's worth
     download_rate: int | None = None
@@ -167,7 +169,7 @@ _KEYS = {
     "upload_slots": ("P2PULL_UPLOAD_SLOTS", int),
     "upload_when_busy": ("P2PULL_UPLOAD_WHEN_BUSY", _when_busy),
     "upload_rate": ("P2PULL_UPLOAD_RATE", lambda value: parse_size(value) or None),
-    "upload_burst": ("P2PULL_UPLOAD_BURST", parse_size),
+    "upload_burst": ("P2PULL_UPLOAD_BURST", lambda value: parse_size(value) or None),
     "download_rate": ("P2PULL_DOWNLOAD_RATE", lambda value: parse_size(value) or None),
     "peer_timeout": ("P2PULL_PEER_TIMEOUT", float),
     "peer_tcp_congestion": ("P2PULL_PEER_TCP_CONGESTION", lambda value: str(value) or None),

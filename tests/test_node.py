@@ -93,3 +93,16 @@ async def test_control_frames_queued_behind_a_piece_all_go_out_at_the_next_turn(
         [True] * 5
     assert frames[5] == b"next-piece"
     assert link.bytes_out == len(b"".join(sent))
+
+
+def test_an_upload_rate_bursts_one_seconds_worth_unless_told_otherwise(tmp_path):
+    """With the old fixed 64 MiB burst, a node capped at 11.4 MB/s could send at line
+    rate for seconds at a time: a cap below the link's rate never acted."""
+    rate = 11_400_000
+    capped = node_with(tmp_path, upload_rate=rate)
+    assert capped.upload_bucket.burst == rate
+    # the second second's worth waits: 1 s at the rate after the first, taken at once
+    assert capped.upload_bucket.reserve(rate, now=0.0) == 0.0
+    assert capped.upload_bucket.reserve(rate, now=0.0) == pytest.approx(1.0)
+    assert node_with(tmp_path, upload_rate=rate, upload_burst=2**20).upload_bucket.burst == 2**20
+    assert node_with(tmp_path).upload_bucket.rate is None

@@ -139,6 +139,12 @@ class NodeCounters:
     bans: int = 0
 
 
+def _burst(rate: int | None, burst: int | None) -> int:
+    """A token bucket's burst: as configured, else one second's worth of ``rate`` (at
+    least one read's worth, so a piece never waits for tokens it could never get)."""
+    return burst if burst is not None else max(rate or 0, RECEIVE_SIZE)
+
+
 @dataclass(eq=False)
 class PeerLink:
     """An established, verified connection to one peer."""
@@ -282,9 +288,10 @@ class Node:
         self.counters = NodeCounters()
         self.upload_slots = UploadSlots(config.upload_slots)
         self.queue_when_busy = config.upload_when_busy == "queue"
-        self.upload_bucket = TokenBucket(config.upload_rate, config.upload_burst)
-        rate = config.download_rate
-        self.download_bucket = TokenBucket(rate, max(rate or 0, RECEIVE_SIZE))
+        self.upload_bucket = TokenBucket(config.upload_rate,
+                                         _burst(config.upload_rate, config.upload_burst))
+        self.download_bucket = TokenBucket(config.download_rate,
+                                           _burst(config.download_rate, None))
         self.write_slots = trio.Semaphore(PEER_WRITES_IN_FLIGHT)
         self.payload_pool = PayloadPool(keep=2 * PEER_WRITES_IN_FLIGHT)
         #: called with a ref a peer (or we) asked the cluster to preload; the daemon sets it
