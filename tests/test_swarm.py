@@ -62,7 +62,7 @@ def requests(actions) -> list[tuple[str, int]]:
 
 
 def test_requests_only_missing_chunks_and_respects_the_pipeline():
-    s = swarm(10, held={0, 1, 2, 3, 4, 5})
+    s = swarm(10, held={0, 1, 2, 3, 4, 5}, pipeline_depth=4)
     actions = s.handle(PeerJoined("seed", full(10)), 0.0)
     assert sorted(requests(actions)) == [("seed", i) for i in (6, 7, 8, 9)]
     assert s.book.outstanding("seed") == 4

@@ -57,7 +57,7 @@ class RequestBook:
     measured yet, for timeouts and scores; ``smoothing`` is the weight of a new throughput
     sample in the EWMA."""
 
-    def __init__(self, pipeline_depth: int = 4, timeout_min: float = 5.0,
+    def __init__(self, pipeline_depth: int = 3, timeout_min: float = 5.0,
                  assumed_throughput: float = 8 * 1024 * 1024, smoothing: float = 0.25):
         if pipeline_depth < 1:
             raise ValueError(f"pipeline depth must be at least 1, got {pipeline_depth}")

@@ -82,8 +82,12 @@ class SwarmConfig:
     """Scheduling knobs of one blob swarm. Times in seconds, rates in bytes per second."""
 
     #: requests outstanding with one peer: enough to keep its link busy across a round trip
-    #: (BitTorrent clients use 4-16 for large pieces)
-    pipeline_depth: int = 4
+    #: (BitTorrent clients use 4-16 for large pieces). No deeper: a request waiting at a
+    #: busy peer holds its chunk there while a free peer could have sent it. In the
+    #: namespace lab (256 KiB chunks, 8 nodes, interleaved runs) the slowest node's median
+    #: was 48.7 s at 4, 48.1 s at 3 and 47.6 s at 2; a single peer over loopback kept its
+    #: rate at 3 and lost up to a tenth of it at 2
+    pipeline_depth: int = 3
     #: the least time a request is given before it is re-sent elsewhere; a peer measured
     #: slow gets 4 x chunk length / its throughput instead, if that is longer
     request_timeout_min: float = 5.0
