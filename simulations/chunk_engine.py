@@ -222,7 +222,9 @@ class ChunkEngine:
         self.busy = 0
         self.events = 0
         self._alive_at: dict[int, float] = {}
-        self._joined_cache: dict[tuple[int, int], tuple[int, PeerJoined]] = {}
+        #: per node and blob, its PeerJoined while its holdings stay the same (None: none)
+        self._joined: list[list[PeerJoined | None]] = [[None] * len(self.blobs)
+                                                       for _ in range(n)]
         # what the pings tell, per node rather than per swarm and peer (the swarms read it
         # through their ``liveness``): keepalive k happened at _keepalive_times[k]; a node
         # was last seen alive at keepalive _alive_round[i], moving at _moving_round[i]; a
@@ -418,6 +420,7 @@ class ChunkEngine:
                 hop(now, _REQUEST, self.ids[action.peer], node, (blob, action.index))
             elif kind is AnnounceHave:
                 self.last_progress[node] = now
+                self._joined[node][blob] = None
                 hop(now, _HAVE, node, blob, PeerHave(self.names[node], action.index))
             elif kind is SendCancel:
                 hop(now, _CANCEL, self.ids[action.peer], node, (blob, action.index))
@@ -482,13 +485,11 @@ class ChunkEngine:
     def _joined_event(self, node: int, blob: int) -> PeerJoined:
         """``node``'s interest in ``blob`` with its bitmap now: one event shared by every
         peer told while the node's holdings stay the same (a start tells all N-1 peers at
-        once with membership "all")."""
-        held = self.swarms[node][blob].missing_count
-        cached = self._joined_cache.get((node, blob))
-        if cached is not None and cached[0] == held:
-            return cached[1]
-        event = PeerJoined(self.names[node], self.swarms[node][blob].held)
-        self._joined_cache[(node, blob)] = (held, event)
+        once with membership "all"); ``_apply`` drops it when the node announces a chunk."""
+        joined = self._joined[node]
+        event = joined[blob]
+        if event is None:
+            event = joined[blob] = PeerJoined(self.names[node], self.swarms[node][blob].held)
         return event
 
     def _on_first_tick(self, node: int, _b, _c, now: float) -> None:

@@ -57,7 +57,8 @@ from __future__ import annotations
 import heapq
 import random
 from dataclasses import dataclass
-from typing import Callable, Literal
+from itertools import compress, repeat
+from typing import Callable, Iterable, Literal
 
 from xxhash import xxh3_64_intdigest
 
@@ -329,7 +330,8 @@ class BlobSwarm:
         self._liveness = liveness
         self._count = count
         self._last_length = plan.length(count - 1)
-        self._missing = ((1 << count) - 1) ^ held.to_int()
+        self._all = (1 << count) - 1
+        self._missing = self._all ^ held.to_int()
         self._rarity = Rarity(count)
         self._rarity.wanted = self._missing  # nobody holds anything yet: all orphans
         #: requests plus origin fetches under way, per chunk
@@ -351,6 +353,10 @@ class BlobSwarm:
         #: answer backs most holders off, so this is the short list to scan)
         self._free_holding: dict[str, _Peer] = {}
         self._members: dict[str, _Peer] = {}
+        #: the members and their keys in member order, as lists for the orphan checks'
+        #: scan (None: to build again after the members changed)
+        self._member_list: list[_Peer] | None = None
+        self._member_keys: list[bytes] = []
         self._self_key = node_bytes(node_id)
         self._chunk_keys: dict[int, int] = {}
         self._urgent = 0
@@ -360,11 +366,15 @@ class BlobSwarm:
         self._origin_count = 0
         self._queued = 0  # chunks queued for the origin
         self._origin_queue: list[tuple[int, int, int]] = []  # (priority, seq, index)
-        self._orphan_since: dict[int, float] = {}
-        self._orphan_deadline: dict[int, float] = {}
+        # per chunk, None when not set: lists, not dicts, since a Have of a waiting orphan
+        # clears all three (at a start, every node's every chunk)
+        #: since when we need the orphan
+        self._orphan_since: list[float | None] = [None] * count
+        #: until when we wait for the node outranking us
+        self._orphan_deadline: list[float | None] = [None] * count
         self._deadlines: list[tuple[float, int]] = []
-        self._watched_by: dict[int, str] = {}  # orphan -> the outranking node we wait for
-        self._watching: dict[str, set[int]] = {}
+        #: the outranking node we wait for
+        self._watched_by: list[str | None] = [None] * count
         self._retries: list[tuple[float, int]] = []  # origin fetches to try again
         self._backoffs: list[tuple[float, int, str]] = []
         self._seq = 0
@@ -550,7 +560,7 @@ class BlobSwarm:
         """The earliest time a ``Tick`` has something to do (possibly early), or None."""
         times = [self._book.next_expiry()]
         deadlines = self._deadlines
-        while deadlines and self._orphan_deadline.get(deadlines[0][1]) != deadlines[0][0]:
+        while deadlines and self._orphan_deadline[deadlines[0][1]] != deadlines[0][0]:
             heapq.heappop(deadlines)
         if deadlines:
             times.append(deadlines[0][0])
@@ -570,10 +580,12 @@ class BlobSwarm:
     def _add_peer(self, name: str, bits: int) -> _Peer:
         now = self._now
         peer = self._peers[name] = _Peer(name, now)
-        if bits != (1 << self._count) - 1:
+        if bits != self._all:
             peer.member = True
             self._members[name] = peer
-            self._member_joined(peer)
+            self._member_list = None
+            if self._queued:
+                self._member_joined(peer)
         if self._book.has_capacity(name):
             self._set_free(peer)
         return peer
@@ -589,6 +601,8 @@ class BlobSwarm:
         peer = self._peers.get(name)
         if peer is None:
             peer = self._add_peer(name, bits)
+            if not bits:
+                return  # nothing to count, nothing to ask it for (a start: N^2 of these)
             self._add_bits(peer, bits)
         else:
             peer.heard = self._now
@@ -688,7 +702,8 @@ class BlobSwarm:
         if self._forced & bit or not self._rarity.avail[index]:
             if not self._forced & bit:
                 self._rarity.want(index)
-                self._orphan_since.setdefault(index, self._now)
+                if self._orphan_since[index] is None:
+                    self._orphan_since[index] = self._now
             heapq.heappush(self._retries, (self._now + self.config.origin_wait_limit, index))
         else:
             self._unsourced(index)
@@ -697,9 +712,7 @@ class BlobSwarm:
         now = self._now
         if not self._started:
             self._started = True
-            for index in set_bits(self._rarity.orphans):
-                self._orphan_since.setdefault(index, now)
-                self._check_orphan(index)
+            self._check_orphans(set_bits(self._rarity.orphans))
         for request in self._book.expired(now):
             self._acts.append(SendCancel(request.peer, request.index))
             peer = self._peers.get(request.peer)
@@ -713,8 +726,8 @@ class BlobSwarm:
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
             when, index = heapq.heappop(deadlines)
-            if self._orphan_deadline.get(index) == when:
-                del self._orphan_deadline[index]
+            if self._orphan_deadline[index] == when:
+                self._orphan_deadline[index] = None
                 if self._waiting(index):
                     self._check_orphan(index)
         retries = self._retries
@@ -860,6 +873,7 @@ class BlobSwarm:
         self._free_holding.pop(name, None)
         if peer.member:
             del self._members[name]
+            self._member_list = None
         dropped = self._book.drop_peer(name)
         bits, peer.bits, peer.requested = peer.bits, 0, 0
         orphaned = self._rarity.remove_holder(bits)
@@ -868,11 +882,11 @@ class BlobSwarm:
                 self._unsourced(request.index)
         for index in set_bits(orphaned):
             self._orphaned(index)
-        for index in sorted(self._watching.pop(name, ())):
-            if self._watched_by.get(index) == name:
-                del self._watched_by[index]
-                if self._waiting(index):
-                    self._check_orphan(index)
+        watched_by = self._watched_by
+        for index in [index for index, watched in enumerate(watched_by) if watched == name]:
+            watched_by[index] = None
+            if self._waiting(index):
+                self._check_orphan(index)
 
     def _ban(self, name: str, reason: str) -> None:
         if self._book.is_banned(name) or name == self.node_id:
@@ -1046,39 +1060,68 @@ class BlobSwarm:
     def _orphaned(self, index: int) -> None:
         """Wanted chunk ``index`` has no holder any more."""
         if self._started:
-            self._orphan_since.setdefault(index, self._now)
+            if self._orphan_since[index] is None:
+                self._orphan_since[index] = self._now
             self._check_orphan(index)
 
     def _not_orphan(self, index: int) -> None:
         """``index`` is held by a peer, or by us: stop waiting for or queueing it."""
-        self._orphan_since.pop(index, None)
-        self._orphan_deadline.pop(index, None)
+        self._orphan_since[index] = self._orphan_deadline[index] = \
+            self._watched_by[index] = None
         bit = 1 << index
         if self._queued & bit:  # rarely: no need to build ~bit
             self._queued ^= bit
-        watcher = self._watched_by.pop(index, None)
-        if watcher is not None:
-            self._watching[watcher].discard(index)
 
     def _check_orphan(self, index: int) -> None:
         """Fetch orphan ``index`` from the origin now, or wait for a live node outranking us
         (rendezvous weight) until it has been silent for ``origin_wait_limit`` or without
         progress for ``origin_stall_limit``."""
+        self._check_orphans((index,))
+
+    def _check_orphans(self, indexes: Iterable[int]) -> None:
+        """``_check_orphan`` of each of ``indexes`` in turn: the first Tick checks every
+        chunk, and what the checks share (the members, how long each stays live) does not
+        change between them."""
         now = self._now
-        since = self._orphan_since.setdefault(index, now)
+        orphan_since = self._orphan_since
         limit = self.config.origin_wait_limit
         stall = self._stall_limit()
-        key = self._chunk_key(index)
-        mine = xxh3_64_intdigest(self._self_key, key)
+        chunk_keys = self._chunk_keys
+        self_key = self._self_key
         me = self.node_id
-        for name, peer in self._members.items():
-            theirs = xxh3_64_intdigest(peer.key, key)
-            if theirs > mine or (theirs == mine and name > me):
-                until = max(since + limit, self._alive_until(peer, stall))
+        members = self._member_list
+        if members is None:
+            members = self._member_list = list(self._members.values())
+            self._member_keys = [peer.key for peer in members]
+        keys = self._member_keys
+        alive_until: dict[str, float] = {}
+        for index in indexes:
+            since = orphan_since[index]
+            if since is None:
+                since = orphan_since[index] = now
+            key = chunk_keys.get(index)
+            if key is None:
+                key = chunk_keys[index] = chunk_key(self.blob, index)
+            mine = xxh3_64_intdigest(self_key, key)
+            # the members weighing at least as much as we do, in member order; the weights
+            # are computed in C, as far as the scan goes (a few members: each outranks us
+            # with probability about 1/2, 1/3, ...)
+            for peer in compress(members, map(mine.__le__,
+                                              map(xxh3_64_intdigest, keys, repeat(key)))):
+                name = peer.name
+                if name < me and xxh3_64_intdigest(peer.key, key) == mine:
+                    continue  # a tie of weights goes to the greater name: ours
+                alive = alive_until.get(name)
+                if alive is None:
+                    alive = alive_until[name] = self._alive_until(peer, stall)
+                until = since + limit
+                if alive > until:
+                    until = alive
                 if until > now:
                     self._watch(index, name, until)
-                    return
-        self._queue_origin(index)
+                    break
+            else:
+                self._queue_origin(index)
 
     def _stall_limit(self) -> float:
         """How long a live member may show no progress before its orphans are fetched by
@@ -1092,16 +1135,7 @@ class BlobSwarm:
         return limit if pace is None else max(limit, STALL_PACES * pace)
 
     def _watch(self, index: int, name: str, until: float) -> None:
-        old = self._watched_by.get(index)
-        if old != name:
-            if old is not None:
-                self._watching[old].discard(index)
-            self._watched_by[index] = name
-            watching = self._watching.get(name)
-            if watching is None:
-                self._watching[name] = {index}
-            else:
-                watching.add(index)
+        self._watched_by[index] = name
         self._orphan_deadline[index] = until
         heapq.heappush(self._deadlines, (until, index))
 
@@ -1125,10 +1159,7 @@ class BlobSwarm:
         if self._queued & bit:
             return
         self._queued |= bit
-        self._orphan_deadline.pop(index, None)
-        watcher = self._watched_by.pop(index, None)
-        if watcher is not None:
-            self._watching[watcher].discard(index)
+        self._orphan_deadline[index] = self._watched_by[index] = None
         self._seq += 1
         heapq.heappush(self._origin_queue, (0 if self._urgent & bit else 1, self._seq, index))
 
@@ -1146,7 +1177,7 @@ class BlobSwarm:
                 continue
             if not self._forced & bit and not rarity.orphans & bit:
                 continue  # a peer has it now
-            self._orphan_since.pop(index, None)
+            self._orphan_since[index] = None
             self._origin |= bit
             self._origin_count += 1
             self._origin_asked[index] = self._now
