@@ -285,7 +285,7 @@ class _Peer:
     """A live, unbanned peer of this blob."""
 
     __slots__ = ("name", "key", "bits", "requested", "heard", "progressed", "member",
-                 "backoff_until", "freed_at")
+                 "backoff_until", "freed_at", "free", "holding")
 
     def __init__(self, name: str, now: float):
         self.name = name
@@ -306,6 +306,10 @@ class _Peer:
         #: when it last entered the swarm's free peers (a counter): their order, so that
         #: ties between holders are broken as a scan of the free peers would
         self.freed_at = 0
+        #: in the swarm's free peers, and in its holding peers: what every Have asks, read
+        #: here rather than in those dicts (the peer is at hand, the dicts far in memory)
+        self.free = False
+        self.holding = False
 
 
 def _freed_at(peer: _Peer) -> int:
@@ -430,7 +434,7 @@ class BlobSwarm:
                     rarity.inc_wanted(index, bit)
                 else:
                     rarity.avail[index] += 1  # in flight: not in a bucket
-                if peer.name not in self._free:
+                if not peer.free:
                     # nothing to ask it for now; and a Have changes neither the origin
                     # queue nor the wanted chunks, so the checks below would find nothing
                     return []
@@ -871,6 +875,7 @@ class BlobSwarm:
         self._free.pop(name, None)
         self._holding.pop(name, None)
         self._free_holding.pop(name, None)
+        peer.free = peer.holding = False
         if peer.member:
             del self._members[name]
             self._member_list = None
@@ -901,23 +906,27 @@ class BlobSwarm:
         """``peer`` announced its first chunk since it joined."""
         name = peer.name
         self._holding[name] = peer
-        if name in self._free:
+        peer.holding = True
+        if peer.free:
             self._free_holding[name] = peer
 
     def _set_free(self, peer: _Peer) -> None:
-        name = peer.name
-        if name not in self._free:
+        if not peer.free:
+            name = peer.name
             self._free[name] = None
+            peer.free = True
             self._freed += 1
             peer.freed_at = self._freed
-            if name in self._holding:
+            if peer.holding:
                 self._free_holding[name] = peer
 
     def _back_off(self, peer: _Peer) -> None:
         until = self._now + self.config.peer_backoff
         peer.backoff_until = until
-        self._free.pop(peer.name, None)
-        self._free_holding.pop(peer.name, None)
+        if peer.free:
+            peer.free = False
+            del self._free[peer.name]
+            self._free_holding.pop(peer.name, None)
         self._seq += 1
         heapq.heappush(self._backoffs, (until, self._seq, peer.name))
 
@@ -928,10 +937,8 @@ class BlobSwarm:
 
     def _fill(self, peer: _Peer) -> None:
         """Give ``peer`` requests while it has free pipeline slots and chunks we want."""
-        name = peer.name
-        free = self._free
         rarity = self._rarity
-        while name in free:
+        while peer.free:
             candidates = peer.bits & rarity.pickable
             if candidates:
                 index = pick(candidates, rarity, self._urgent, self._rng)
@@ -950,6 +957,7 @@ class BlobSwarm:
         self._book.add(name, index, self._now, self._length(index))
         peer.requested |= 1 << index
         if self._book.outstanding(name) >= self.config.pipeline_depth:
+            peer.free = False
             del self._free[name]
             self._free_holding.pop(name, None)
         self._add_source(index)
