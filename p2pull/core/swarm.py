@@ -320,6 +320,19 @@ class BlobSwarm:
     """Scheduling state of one blob on node ``node_id``. ``held`` is copied: the swarm keeps
     its own view (``held`` property), updated by ``PieceVerified`` and ``BlobCorrupt``."""
 
+    # Slots, not a __dict__ (past 30 attributes an instance's dict is a table of its own):
+    # a driver with a thousand swarms meets each in a cold cache, and what a Have reads is
+    # in the first few lines of the object, in the order below
+    __slots__ = (
+        "_peers", "_count", "_missing", "_rarity", "_queued", "_orphan_since",
+        "_orphan_deadline", "_watched_by", "_now", "_acts", "_origin_count", "config",
+        "_endgame", "_free_holding", "_urgent", "_rng", "_sourced", "_saturated", "_forced",
+        "_book", "_sources", "_free", "_freed", "_holding", "_last_length", "plan",
+        "_handlers", "_seq", "_backoffs", "_deadlines", "_retries", "_origin", "_origin_queue",
+        "_origin_asked", "_first_origin_fetch", "_origin_chunk_seconds", "_members",
+        "_member_list", "_member_keys", "_self_key", "_chunk_keys", "_helping", "_started",
+        "_completed_sent", "_liveness", "_all", "blob", "node_id")
+
     def __init__(self, blob: str, plan: ChunkPlan, node_id: str, held: Bitmap,
                  config: SwarmConfig = SwarmConfig(), rng: random.Random | None = None,
                  liveness: Callable[[str], tuple[float, float]] | None = None):
