@@ -821,7 +821,7 @@ def test_invariants_under_random_events(stream, seed):
             assert not s.holds(index)
         # the short list a chunk is offered from: exactly the free peers that hold something
         assert s._free_holding == {name: peer for name, peer in s._holding.items()
-                                   if name in s._free}
+                                   if peer.free}
         assert held == {i for i in range(chunks) if s.holds(i)}
     assert completed <= 1 + sum(isinstance(e, BlobCorrupt) for e in events)
     # whatever state it got into, a seeder joining and everyone answering finishes it

@@ -306,8 +306,8 @@ class _Peer:
         #: when it last entered the swarm's free peers (a counter): their order, so that
         #: ties between holders are broken as a scan of the free peers would
         self.freed_at = 0
-        #: in the swarm's free peers, and in its holding peers: what every Have asks, read
-        #: here rather than in those dicts (the peer is at hand, the dicts far in memory)
+        #: may be sent a request now (pipeline not full, not backed off), and in the swarm's
+        #: holding peers: what every Have asks, kept on the peer, which is at hand
         self.free = False
         self.holding = False
 
@@ -327,7 +327,7 @@ class BlobSwarm:
         "_peers", "_count", "_missing", "_rarity", "_queued", "_orphan_since",
         "_orphan_deadline", "_watched_by", "_now", "_acts", "_origin_count", "config",
         "_endgame", "_free_holding", "_urgent", "_rng", "_sourced", "_saturated", "_forced",
-        "_book", "_sources", "_free", "_freed", "_holding", "_last_length", "plan",
+        "_book", "_sources", "_freed", "_holding", "_last_length", "plan",
         "_handlers", "_seq", "_backoffs", "_deadlines", "_retries", "_origin", "_origin_queue",
         "_origin_asked", "_first_origin_fetch", "_origin_chunk_seconds", "_members",
         "_member_list", "_member_keys", "_self_key", "_chunk_keys", "_helping", "_started",
@@ -358,9 +358,8 @@ class BlobSwarm:
         self._book = RequestBook(config.pipeline_depth, config.request_timeout_min,
                                  config.assumed_throughput, config.throughput_smoothing)
         self._peers: dict[str, _Peer] = {}
-        #: peers that may be sent a request now (dicts, not sets: iteration order must not
-        #: depend on string hashing, or runs would not replay)
-        self._free: dict[str, None] = {}
+        #: the peers that may be sent a request now are those with ``free`` set; the order
+        #: they became free in is counted here (``_Peer.freed_at``)
         self._freed = 0
         #: peers that have held some chunk since they joined, in join order: who can be
         #: offered a chunk, usually far fewer than the peers (with full membership every
@@ -517,7 +516,7 @@ class BlobSwarm:
         rarity = self._rarity
         return {"missing": self._missing.bit_count(), "pickable": rarity.pickable.bit_count(),
                 "requested": len(self._book), "origin": self._origin_count,
-                "origin_queued": self._queued.bit_count(), "free_peers": len(self._free)}
+                "origin_queued": self._queued.bit_count(), "free_peers": sum(peer.free for peer in self._peers.values())}
 
     def origin_work(self) -> tuple[int, int]:
         """(chunks this node fetches or has queued for the origin, chunks the origin still
@@ -885,7 +884,6 @@ class BlobSwarm:
         """``peer`` is gone (left or banned): its requests go elsewhere, its chunks no longer
         count, and orphans waiting on it are decided again."""
         name = peer.name
-        self._free.pop(name, None)
         self._holding.pop(name, None)
         self._free_holding.pop(name, None)
         peer.free = peer.holding = False
@@ -926,7 +924,6 @@ class BlobSwarm:
     def _set_free(self, peer: _Peer) -> None:
         if not peer.free:
             name = peer.name
-            self._free[name] = None
             peer.free = True
             self._freed += 1
             peer.freed_at = self._freed
@@ -938,7 +935,6 @@ class BlobSwarm:
         peer.backoff_until = until
         if peer.free:
             peer.free = False
-            del self._free[peer.name]
             self._free_holding.pop(peer.name, None)
         self._seq += 1
         heapq.heappush(self._backoffs, (until, self._seq, peer.name))
@@ -971,7 +967,6 @@ class BlobSwarm:
         peer.requested |= 1 << index
         if self._book.outstanding(name) >= self.config.pipeline_depth:
             peer.free = False
-            del self._free[name]
             self._free_holding.pop(name, None)
         self._add_source(index)
         self._acts.append(SendRequest(name, index))
