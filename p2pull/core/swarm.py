@@ -941,9 +941,6 @@ class BlobSwarm:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def _length(self, index: int) -> int:
-        return self._last_length if index == self._count - 1 else self.plan.chunk_size
-
     def _fill(self, peer: _Peer) -> None:
         """Give ``peer`` requests while it has free pipeline slots and chunks we want."""
         rarity = self._rarity
@@ -963,7 +960,8 @@ class BlobSwarm:
 
     def _request(self, peer: _Peer, index: int) -> None:
         name = peer.name
-        self._book.add(name, index, self._now, self._length(index))
+        self._book.add(name, index, self._now,
+                       self._last_length if index == self._count - 1 else self.plan.chunk_size)
         peer.requested |= 1 << index
         if self._book.outstanding(name) >= self.config.pipeline_depth:
             peer.free = False
