@@ -57,7 +57,6 @@ from __future__ import annotations
 import heapq
 import random
 from dataclasses import dataclass
-from itertools import compress, repeat
 from typing import Callable, Iterable, Literal
 
 from xxhash import xxh3_64_intdigest
@@ -330,7 +329,7 @@ class BlobSwarm:
         "_book", "_sources", "_freed", "_holding", "_last_length", "plan",
         "_handlers", "_seq", "_backoffs", "_deadlines", "_retries", "_origin", "_origin_queue",
         "_origin_asked", "_first_origin_fetch", "_origin_chunk_seconds", "_members",
-        "_member_list", "_member_keys", "_self_key", "_chunk_keys", "_helping", "_started",
+        "_self_key", "_chunk_keys", "_helping", "_started",
         "_completed_sent", "_liveness", "_all", "blob", "node_id")
 
     def __init__(self, blob: str, plan: ChunkPlan, node_id: str, held: Bitmap,
@@ -369,10 +368,6 @@ class BlobSwarm:
         #: answer backs most holders off, so this is the short list to scan)
         self._free_holding: dict[str, _Peer] = {}
         self._members: dict[str, _Peer] = {}
-        #: the members and their keys in member order, as lists for the orphan checks'
-        #: scan (None: to build again after the members changed)
-        self._member_list: list[_Peer] | None = None
-        self._member_keys: list[bytes] = []
         self._self_key = node_bytes(node_id)
         self._chunk_keys: dict[int, int] = {}
         self._urgent = 0
@@ -599,10 +594,11 @@ class BlobSwarm:
         if bits != self._all:
             peer.member = True
             self._members[name] = peer
-            self._member_list = None
             if self._queued:
                 self._member_joined(peer)
-        if self._book.has_capacity(name):
+        # has_capacity without its ban check: _on_joined, the only caller, returned for a
+        # banned peer already
+        if self._book.outstanding(name) < self._book.pipeline_depth:
             self._set_free(peer)
         return peer
 
@@ -889,7 +885,6 @@ class BlobSwarm:
         peer.free = peer.holding = False
         if peer.member:
             del self._members[name]
-            self._member_list = None
         dropped = self._book.drop_peer(name)
         bits, peer.bits, peer.requested = peer.bits, 0, 0
         orphaned = self._rarity.remove_holder(bits)
@@ -1103,11 +1098,7 @@ class BlobSwarm:
         chunk_keys = self._chunk_keys
         self_key = self._self_key
         me = self.node_id
-        members = self._member_list
-        if members is None:
-            members = self._member_list = list(self._members.values())
-            self._member_keys = [peer.key for peer in members]
-        keys = self._member_keys
+        members = self._members.values()
         alive_until: dict[str, float] = {}
         for index in indexes:
             since = orphan_since[index]
@@ -1117,13 +1108,14 @@ class BlobSwarm:
             if key is None:
                 key = chunk_keys[index] = chunk_key(self.blob, index)
             mine = xxh3_64_intdigest(self_key, key)
-            # the members weighing at least as much as we do, in member order; the weights
-            # are computed in C, as far as the scan goes (a few members: each outranks us
-            # with probability about 1/2, 1/3, ...)
-            for peer in compress(members, map(mine.__le__,
-                                              map(xxh3_64_intdigest, keys, repeat(key)))):
+            # the first member outranking us, in member order (a few members in: each
+            # outranks us with probability about 1/2, 1/3, ...)
+            for peer in members:
+                theirs = xxh3_64_intdigest(peer.key, key)
+                if theirs < mine:
+                    continue
                 name = peer.name
-                if name < me and xxh3_64_intdigest(peer.key, key) == mine:
+                if theirs == mine and name < me:
                     continue  # a tie of weights goes to the greater name: ours
                 alive = alive_until.get(name)
                 if alive is None:
