@@ -192,10 +192,11 @@ class ChunkEngine:
         self.known: list[dict[int, None]] = [{} for _ in range(n)]
         #: the known peers that exchange Haves and chunks with the node: its neighbours
         self.audience: list[list[int]] = [[] for _ in range(n)]
-        #: per blob, per node: those of its audience still missing some of the blob, in
-        #: audience order; a complete swarm does nothing with a Have, so the Have loop need
-        #: not ask each receiver whether it is complete
-        self.have_audience: list[list[list[int]]] = [
+        #: per blob, per node: the swarms (of that blob) of those of its audience still
+        #: missing some of the blob, in audience order; a complete swarm does nothing with a
+        #: Have, so the Have loop need not ask each receiver whether it is complete. Swarms,
+        #: not node numbers: the loop reaches each without going through its node's list
+        self.have_audience: list[list[list[BlobSwarm]]] = [
             [[] for _ in range(n)] for _ in range(len(self.blobs))]
         self.graph_sets = [set(linked) for linked in self.graph]
         self.last_progress = [-math.inf] * n
@@ -324,6 +325,7 @@ class ChunkEngine:
         events = 0
         multi = len(self.blobs) > 1
         have_audience = self.have_audience
+        ids = self.ids
         peer_hops, origin_hops = self._peer_hops, self._origin_hops
         while self.expected:
             # the earliest of the two hop queues' heads and the heap's top
@@ -355,10 +357,10 @@ class ChunkEngine:
                     # return no actions, and the Have's swarm reads nothing of theirs: the
                     # same decisions as telling each receiver both in turn)
                     self._progress_seen_by_audience(a, b, now)
-                for j in have_audience[b][a]:
-                    acts = swarms[j][b].handle(c, now)
+                for swarm in have_audience[b][a]:
+                    acts = swarm.handle(c, now)
                     if acts:
-                        apply(j, b, acts, now)
+                        apply(ids[swarm.node_id], b, acts, now)
             elif kind == _DELIVER:
                 node_swarms = swarms[a]
                 if node_swarms is not None and self.present[a]:
@@ -474,7 +476,7 @@ class ChunkEngine:
             starting_swarms = self.swarms[starting]
             for b, receivers in enumerate(self.have_audience):
                 if not starting_swarms[b].complete:
-                    receivers[told].append(starting)
+                    receivers[told].append(starting_swarms[b])
         if reply is None:  # answer with our bitmap
             self._hop(now, _INTEREST, starting, told, True)
         if self.awaiting[told] and not self.ticking[told]:
@@ -558,10 +560,11 @@ class ChunkEngine:
         """``node`` holds all of ``blob`` now: its neighbours' Haves of it need not reach it
         (removing keeps the others' order, so deliveries happen in the same order)."""
         have_audience = self.have_audience[blob]
+        swarm = self.swarms[node][blob]
         for peer in self.graph[node]:
             receivers = have_audience[peer]
-            if node in receivers:
-                receivers.remove(node)
+            if swarm in receivers:
+                receivers.remove(swarm)
 
     def _node_done(self, node: int, now: float) -> None:
         self.finish[node] = now
@@ -591,9 +594,9 @@ class ChunkEngine:
             audience = self.audience[peer]
             if node in audience:
                 audience.remove(node)
-            for receivers in self.have_audience:
-                if node in receivers[peer]:
-                    receivers[peer].remove(node)
+            for swarm, receivers in zip(self.swarms[node], self.have_audience):
+                if swarm in receivers[peer]:
+                    receivers[peer].remove(swarm)
         self.audience[node] = []
         for receivers in self.have_audience:
             receivers[node] = []
