@@ -72,6 +72,10 @@ from p2pull.errors import ProtocolError
 STALL_PACES = 3.0
 #: weight of a new sample of our own origin chunk time
 ORIGIN_PACE_SMOOTHING = 0.25
+#: a Tick rebuilds the deadline heap once it has popped more stale entries than 1/this of
+#: (chunks + entries left), the rebuild's cost: so a rebuild costs at most about as much
+#: as the pops before it, and saves the rest when most entries are stale
+DEADLINE_REBUILD_RATIO = 16
 
 FailureReason = Literal["corrupt", "rejected", "busy", "error"]
 FAILURE_REASONS = ("corrupt", "rejected", "busy", "error")
@@ -736,12 +740,18 @@ class BlobSwarm:
             if unsourced:
                 self._unsourced(request.index)
         deadlines = self._deadlines
+        stale = 0
         while deadlines and deadlines[0][0] <= now:
             when, index = heapq.heappop(deadlines)
             if self._orphan_deadline[index] == when:
                 self._orphan_deadline[index] = None
                 if self._waiting(index):
                     self._check_orphan(index)
+            else:
+                stale += 1
+                if stale * DEADLINE_REBUILD_RATIO >= self._count + len(deadlines):
+                    deadlines = self._rebuild_deadlines()
+                    stale = 0
         retries = self._retries
         while retries and retries[0][0] <= now:
             index = heapq.heappop(retries)[1]
@@ -1139,6 +1149,16 @@ class BlobSwarm:
         if pace is None and self._first_origin_fetch is not None:
             pace = self._now - self._first_origin_fetch
         return limit if pace is None else max(limit, STALL_PACES * pace)
+
+    def _rebuild_deadlines(self) -> list[tuple[float, int]]:
+        """The deadline heap with only its live entries. A Have of an orphan we wait for
+        leaves the orphan's entry behind (at a start, one per chunk in every swarm), and
+        popping them one by one costs a heap operation each; the live entries pop in the
+        same (time, chunk) order from the rebuilt heap."""
+        deadlines = self._deadlines = [(until, index) for index, until
+                                       in enumerate(self._orphan_deadline) if until is not None]
+        heapq.heapify(deadlines)
+        return deadlines
 
     def _watch(self, index: int, name: str, until: float) -> None:
         self._watched_by[index] = name
