@@ -309,9 +309,10 @@ class _Peer:
         #: when it last entered the swarm's free peers (a counter): their order, so that
         #: ties between holders are broken as a scan of the free peers would
         self.freed_at = 0
-        #: may be sent a request now (pipeline not full, not backed off), and in the swarm's
-        #: holding peers: what every Have asks, kept on the peer, which is at hand
+        #: may be sent a request now (pipeline not full, not backed off): every Have asks,
+        #: so it is kept on the peer, which is at hand, not in a dict of the swarm's
         self.free = False
+        #: has held some chunk since it joined: can be offered a chunk
         self.holding = False
 
 
@@ -330,7 +331,7 @@ class BlobSwarm:
         "_peers", "_count", "_missing", "_rarity", "_queued", "_orphan_since",
         "_orphan_deadline", "_watched_by", "_now", "_acts", "_origin_count", "config",
         "_endgame", "_free_holding", "_urgent", "_rng", "_sourced", "_saturated", "_forced",
-        "_book", "_sources", "_freed", "_holding", "_last_length", "plan",
+        "_book", "_sources", "_freed", "_last_length", "plan",
         "_handlers", "_seq", "_backoffs", "_deadlines", "_retries", "_origin", "_origin_queue",
         "_origin_asked", "_first_origin_fetch", "_origin_chunk_seconds", "_members",
         "_self_key", "_chunk_keys", "_helping", "_started",
@@ -364,12 +365,10 @@ class BlobSwarm:
         #: the peers that may be sent a request now are those with ``free`` set; the order
         #: they became free in is counted here (``_Peer.freed_at``)
         self._freed = 0
-        #: peers that have held some chunk since they joined, in join order: who can be
-        #: offered a chunk, usually far fewer than the peers (with full membership every
-        #: node joins, but only neighbours send Haves)
-        self._holding: dict[str, _Peer] = {}
-        #: the free peers among them: where a chunk that needs a peer is offered (a busy
-        #: answer backs most holders off, so this is the short list to scan)
+        #: the free peers that have held some chunk since they joined (``holding``): where a
+        #: chunk that needs a peer is offered, usually far fewer than the peers (with full
+        #: membership every node joins, but only neighbours send Haves, and a busy answer
+        #: backs most holders off)
         self._free_holding: dict[str, _Peer] = {}
         self._members: dict[str, _Peer] = {}
         self._self_key = node_bytes(node_id)
@@ -890,7 +889,6 @@ class BlobSwarm:
         """``peer`` is gone (left or banned): its requests go elsewhere, its chunks no longer
         count, and orphans waiting on it are decided again."""
         name = peer.name
-        self._holding.pop(name, None)
         self._free_holding.pop(name, None)
         peer.free = peer.holding = False
         if peer.member:
@@ -920,11 +918,9 @@ class BlobSwarm:
 
     def _now_holding(self, peer: _Peer) -> None:
         """``peer`` announced its first chunk since it joined."""
-        name = peer.name
-        self._holding[name] = peer
         peer.holding = True
         if peer.free:
-            self._free_holding[name] = peer
+            self._free_holding[peer.name] = peer
 
     def _set_free(self, peer: _Peer) -> None:
         if not peer.free:
