@@ -514,7 +514,8 @@ class BlobSwarm:
         rarity = self._rarity
         return {"missing": self._missing.bit_count(), "pickable": rarity.pickable.bit_count(),
                 "requested": len(self._book), "origin": self._origin_count,
-                "origin_queued": self._queued.bit_count(), "free_peers": sum(peer.free for peer in self._peers.values())}
+                "origin_queued": self._queued.bit_count(),
+                "free_peers": sum(peer.free for peer in self._peers.values())}
 
     def origin_work(self) -> tuple[int, int]:
         """(chunks this node fetches or has queued for the origin, chunks the origin still
@@ -901,6 +902,8 @@ class BlobSwarm:
                 self._unsourced(request.index)
         for index in set_bits(orphaned):
             self._orphaned(index)
+        # a scan of every chunk, rare (a peer leaves), rather than a set per watched node
+        # kept up to date by every Have of an orphan
         watched_by = self._watched_by
         for index in [index for index, watched in enumerate(watched_by) if watched == name]:
             watched_by[index] = None
