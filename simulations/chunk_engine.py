@@ -192,10 +192,11 @@ class ChunkEngine:
         self.known: list[dict[int, None]] = [{} for _ in range(n)]
         #: the known peers that exchange Haves and chunks with the node: its neighbours
         self.audience: list[list[int]] = [[] for _ in range(n)]
-        #: per blob, per node: those of its audience still missing some of the blob, in
-        #: audience order; a complete swarm does nothing with a Have, so the Have loop need
-        #: not ask each receiver whether it is complete
-        self.have_audience: list[list[list[int]]] = [
+        #: per blob, per node: the swarms (of that blob) of those of its audience still
+        #: missing some of the blob, in audience order; a complete swarm does nothing with a
+        #: Have, so the Have loop need not ask each receiver whether it is complete. Swarms,
+        #: not node numbers: the loop reaches each without going through its node's list
+        self.have_audience: list[list[list[BlobSwarm]]] = [
             [[] for _ in range(n)] for _ in range(len(self.blobs))]
         self.graph_sets = [set(linked) for linked in self.graph]
         self.last_progress = [-math.inf] * n
@@ -222,7 +223,9 @@ class ChunkEngine:
         self.busy = 0
         self.events = 0
         self._alive_at: dict[int, float] = {}
-        self._joined_cache: dict[tuple[int, int], tuple[int, PeerJoined]] = {}
+        #: per node and blob, its PeerJoined while its holdings stay the same (None: none)
+        self._joined: list[list[PeerJoined | None]] = [[None] * len(self.blobs)
+                                                       for _ in range(n)]
         # what the pings tell, per node rather than per swarm and peer (the swarms read it
         # through their ``liveness``): keepalive k happened at _keepalive_times[k]; a node
         # was last seen alive at keepalive _alive_round[i], moving at _moving_round[i]; a
@@ -322,6 +325,7 @@ class ChunkEngine:
         events = 0
         multi = len(self.blobs) > 1
         have_audience = self.have_audience
+        ids = self.ids
         peer_hops, origin_hops = self._peer_hops, self._origin_hops
         while self.expected:
             # the earliest of the two hop queues' heads and the heap's top
@@ -353,10 +357,10 @@ class ChunkEngine:
                     # return no actions, and the Have's swarm reads nothing of theirs: the
                     # same decisions as telling each receiver both in turn)
                     self._progress_seen_by_audience(a, b, now)
-                for j in have_audience[b][a]:
-                    acts = swarms[j][b].handle(c, now)
+                for swarm in have_audience[b][a]:
+                    acts = swarm.handle(c, now)
                     if acts:
-                        apply(j, b, acts, now)
+                        apply(ids[swarm.node_id], b, acts, now)
             elif kind == _DELIVER:
                 node_swarms = swarms[a]
                 if node_swarms is not None and self.present[a]:
@@ -418,6 +422,7 @@ class ChunkEngine:
                 hop(now, _REQUEST, self.ids[action.peer], node, (blob, action.index))
             elif kind is AnnounceHave:
                 self.last_progress[node] = now
+                self._joined[node][blob] = None
                 hop(now, _HAVE, node, blob, PeerHave(self.names[node], action.index))
             elif kind is SendCancel:
                 hop(now, _CANCEL, self.ids[action.peer], node, (blob, action.index))
@@ -471,7 +476,7 @@ class ChunkEngine:
             starting_swarms = self.swarms[starting]
             for b, receivers in enumerate(self.have_audience):
                 if not starting_swarms[b].complete:
-                    receivers[told].append(starting)
+                    receivers[told].append(starting_swarms[b])
         if reply is None:  # answer with our bitmap
             self._hop(now, _INTEREST, starting, told, True)
         if self.awaiting[told] and not self.ticking[told]:
@@ -482,13 +487,11 @@ class ChunkEngine:
     def _joined_event(self, node: int, blob: int) -> PeerJoined:
         """``node``'s interest in ``blob`` with its bitmap now: one event shared by every
         peer told while the node's holdings stay the same (a start tells all N-1 peers at
-        once with membership "all")."""
-        held = self.swarms[node][blob].missing_count
-        cached = self._joined_cache.get((node, blob))
-        if cached is not None and cached[0] == held:
-            return cached[1]
-        event = PeerJoined(self.names[node], self.swarms[node][blob].held)
-        self._joined_cache[(node, blob)] = (held, event)
+        once with membership "all"); ``_apply`` drops it when the node announces a chunk."""
+        joined = self._joined[node]
+        event = joined[blob]
+        if event is None:
+            event = joined[blob] = PeerJoined(self.names[node], self.swarms[node][blob].held)
         return event
 
     def _on_first_tick(self, node: int, _b, _c, now: float) -> None:
@@ -557,10 +560,11 @@ class ChunkEngine:
         """``node`` holds all of ``blob`` now: its neighbours' Haves of it need not reach it
         (removing keeps the others' order, so deliveries happen in the same order)."""
         have_audience = self.have_audience[blob]
+        swarm = self.swarms[node][blob]
         for peer in self.graph[node]:
             receivers = have_audience[peer]
-            if node in receivers:
-                receivers.remove(node)
+            if swarm in receivers:
+                receivers.remove(swarm)
 
     def _node_done(self, node: int, now: float) -> None:
         self.finish[node] = now
@@ -590,9 +594,9 @@ class ChunkEngine:
             audience = self.audience[peer]
             if node in audience:
                 audience.remove(node)
-            for receivers in self.have_audience:
-                if node in receivers[peer]:
-                    receivers[peer].remove(node)
+            for swarm, receivers in zip(self.swarms[node], self.have_audience):
+                if swarm in receivers[peer]:
+                    receivers[peer].remove(swarm)
         self.audience[node] = []
         for receivers in self.have_audience:
             receivers[node] = []

@@ -820,8 +820,8 @@ def test_invariants_under_random_events(stream, seed):
         for peer, index in outstanding:
             assert not s.holds(index)
         # the short list a chunk is offered from: exactly the free peers that hold something
-        assert s._free_holding == {name: peer for name, peer in s._holding.items()
-                                   if name in s._free}
+        assert s._free_holding == {name: peer for name, peer in s._peers.items()
+                                   if peer.holding and peer.free}
         assert held == {i for i in range(chunks) if s.holds(i)}
     assert completed <= 1 + sum(isinstance(e, BlobCorrupt) for e in events)
     # whatever state it got into, a seeder joining and everyone answering finishes it

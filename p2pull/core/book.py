@@ -93,16 +93,23 @@ class RequestBook:
             raise ValueError(f"chunk {index} already requested from {peer}")
         if len(requests) >= self.pipeline_depth:
             raise ValueError(f"pipeline to {peer} is full")
-        if self.is_banned(peer):
+        # is_banned, timeout and _schedule_expiry inline, on one look-up of the record: a
+        # swarm sends a request for about every busy answer it gets, several per chunk
+        record = self._records.get(peer)
+        if record is not None and record.banned:
             raise ValueError(f"{peer} is banned")
-        request = Request(peer, index, now, now + self.timeout(peer, nbytes))
+        rate = record.throughput if record is not None and record.throughput else None
+        expires_at = now + max(self.timeout_min,
+                               TIMEOUT_RATE_FACTOR * nbytes / (rate or self.assumed_throughput))
+        request = Request(peer, index, now, expires_at)
         requests[index] = request
         peers = self._by_index.get(index)
         if peers is None:
             self._by_index[index] = {peer: request}
         else:
             peers[peer] = request
-        self._schedule_expiry(request.expires_at, request)
+        self._seq += 1
+        heapq.heappush(self._expiry, (expires_at, self._seq, request))
         return request
 
     def _remove(self, peer: str, index: int) -> Request | None:

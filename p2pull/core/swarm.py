@@ -57,7 +57,7 @@ from __future__ import annotations
 import heapq
 import random
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Iterable, Literal
 
 from xxhash import xxh3_64_intdigest
 
@@ -72,6 +72,10 @@ from p2pull.errors import ProtocolError
 STALL_PACES = 3.0
 #: weight of a new sample of our own origin chunk time
 ORIGIN_PACE_SMOOTHING = 0.25
+#: a Tick rebuilds the deadline heap once it has popped more stale entries than 1/this of
+#: (chunks + entries left), the rebuild's cost: so a rebuild costs at most about as much
+#: as the pops before it, and saves the rest when most entries are stale
+DEADLINE_REBUILD_RATIO = 16
 
 FailureReason = Literal["corrupt", "rejected", "busy", "error"]
 FAILURE_REASONS = ("corrupt", "rejected", "busy", "error")
@@ -288,7 +292,7 @@ class _Peer:
     """A live, unbanned peer of this blob."""
 
     __slots__ = ("name", "key", "bits", "requested", "heard", "progressed", "member",
-                 "backoff_until", "freed_at")
+                 "backoff_until", "freed_at", "free", "holding")
 
     def __init__(self, name: str, now: float):
         self.name = name
@@ -309,6 +313,11 @@ class _Peer:
         #: when it last entered the swarm's free peers (a counter): their order, so that
         #: ties between holders are broken as a scan of the free peers would
         self.freed_at = 0
+        #: may be sent a request now (pipeline not full, not backed off): every Have asks,
+        #: so it is kept on the peer, which is at hand, not in a dict of the swarm's
+        self.free = False
+        #: has held some chunk since it joined: can be offered a chunk
+        self.holding = False
 
 
 def _freed_at(peer: _Peer) -> int:
@@ -318,6 +327,19 @@ def _freed_at(peer: _Peer) -> int:
 class BlobSwarm:
     """Scheduling state of one blob on node ``node_id``. ``held`` is copied: the swarm keeps
     its own view (``held`` property), updated by ``PieceVerified`` and ``BlobCorrupt``."""
+
+    # Slots, not a __dict__ (past 30 attributes an instance's dict is a table of its own):
+    # a driver with a thousand swarms meets each in a cold cache, and what a Have reads is
+    # in the first few lines of the object, in the order below
+    __slots__ = (
+        "_peers", "_count", "_missing", "_rarity", "_queued", "_orphan_since",
+        "_orphan_deadline", "_watched_by", "_now", "_acts", "_origin_count", "config",
+        "_endgame", "_free_holding", "_urgent", "_rng", "_sourced", "_saturated", "_forced",
+        "_book", "_sources", "_freed", "_last_length", "plan",
+        "_handlers", "_seq", "_backoffs", "_deadlines", "_retries", "_origin", "_origin_queue",
+        "_origin_asked", "_first_origin_fetch", "_origin_chunk_seconds", "_members",
+        "_self_key", "_chunk_keys", "_helping", "_started",
+        "_completed_sent", "_liveness", "_all", "blob", "node_id")
 
     def __init__(self, blob: str, plan: ChunkPlan, node_id: str, held: Bitmap,
                  config: SwarmConfig = SwarmConfig(), rng: random.Random | None = None,
@@ -333,7 +355,8 @@ class BlobSwarm:
         self._liveness = liveness
         self._count = count
         self._last_length = plan.length(count - 1)
-        self._missing = ((1 << count) - 1) ^ held.to_int()
+        self._all = (1 << count) - 1
+        self._missing = self._all ^ held.to_int()
         self._rarity = Rarity(count)
         self._rarity.wanted = self._missing  # nobody holds anything yet: all orphans
         #: requests plus origin fetches under way, per chunk
@@ -343,16 +366,13 @@ class BlobSwarm:
         self._book = RequestBook(config.pipeline_depth, config.request_timeout_min,
                                  config.assumed_throughput, config.throughput_smoothing)
         self._peers: dict[str, _Peer] = {}
-        #: peers that may be sent a request now (dicts, not sets: iteration order must not
-        #: depend on string hashing, or runs would not replay)
-        self._free: dict[str, None] = {}
+        #: the peers that may be sent a request now are those with ``free`` set; the order
+        #: they became free in is counted here (``_Peer.freed_at``)
         self._freed = 0
-        #: peers that have held some chunk since they joined, in join order: who can be
-        #: offered a chunk, usually far fewer than the peers (with full membership every
-        #: node joins, but only neighbours send Haves)
-        self._holding: dict[str, _Peer] = {}
-        #: the free peers among them: where a chunk that needs a peer is offered (a busy
-        #: answer backs most holders off, so this is the short list to scan)
+        #: the free peers that have held some chunk since they joined (``holding``): where a
+        #: chunk that needs a peer is offered, usually far fewer than the peers (with full
+        #: membership every node joins, but only neighbours send Haves, and a busy answer
+        #: backs most holders off)
         self._free_holding: dict[str, _Peer] = {}
         self._members: dict[str, _Peer] = {}
         self._self_key = node_bytes(node_id)
@@ -364,11 +384,15 @@ class BlobSwarm:
         self._origin_count = 0
         self._queued = 0  # chunks queued for the origin
         self._origin_queue: list[tuple[int, int, int]] = []  # (priority, seq, index)
-        self._orphan_since: dict[int, float] = {}
-        self._orphan_deadline: dict[int, float] = {}
+        # per chunk, None when not set: lists, not dicts, since a Have of a waiting orphan
+        # clears all three (at a start, every node's every chunk)
+        #: since when we need the orphan
+        self._orphan_since: list[float | None] = [None] * count
+        #: until when we wait for the node outranking us
+        self._orphan_deadline: list[float | None] = [None] * count
         self._deadlines: list[tuple[float, int]] = []
-        self._watched_by: dict[int, str] = {}  # orphan -> the outranking node we wait for
-        self._watching: dict[str, set[int]] = {}
+        #: the outranking node we wait for
+        self._watched_by: list[str | None] = [None] * count
         self._retries: list[tuple[float, int]] = []  # origin fetches to try again
         self._backoffs: list[tuple[float, int, str]] = []
         self._seq = 0
@@ -424,7 +448,7 @@ class BlobSwarm:
                     rarity.inc_wanted(index, bit)
                 else:
                     rarity.avail[index] += 1  # in flight: not in a bucket
-                if peer.name not in self._free:
+                if not peer.free:
                     # nothing to ask it for now; and a Have changes neither the origin
                     # queue nor the wanted chunks, so the checks below would find nothing
                     return []
@@ -494,7 +518,8 @@ class BlobSwarm:
         rarity = self._rarity
         return {"missing": self._missing.bit_count(), "pickable": rarity.pickable.bit_count(),
                 "requested": len(self._book), "origin": self._origin_count,
-                "origin_queued": self._queued.bit_count(), "free_peers": len(self._free)}
+                "origin_queued": self._queued.bit_count(),
+                "free_peers": sum(peer.free for peer in self._peers.values())}
 
     def origin_work(self) -> tuple[int, int]:
         """(chunks this node fetches or has queued for the origin, chunks the origin still
@@ -554,7 +579,7 @@ class BlobSwarm:
         """The earliest time a ``Tick`` has something to do (possibly early), or None."""
         times = [self._book.next_expiry()]
         deadlines = self._deadlines
-        while deadlines and self._orphan_deadline.get(deadlines[0][1]) != deadlines[0][0]:
+        while deadlines and self._orphan_deadline[deadlines[0][1]] != deadlines[0][0]:
             heapq.heappop(deadlines)
         if deadlines:
             times.append(deadlines[0][0])
@@ -574,11 +599,14 @@ class BlobSwarm:
     def _add_peer(self, name: str, bits: int) -> _Peer:
         now = self._now
         peer = self._peers[name] = _Peer(name, now)
-        if bits != (1 << self._count) - 1:
+        if bits != self._all:
             peer.member = True
             self._members[name] = peer
-            self._member_joined(peer)
-        if self._book.has_capacity(name):
+            if self._queued:
+                self._member_joined(peer)
+        # has_capacity without its ban check: _on_joined, the only caller, returned for a
+        # banned peer already
+        if self._book.outstanding(name) < self._book.pipeline_depth:
             self._set_free(peer)
         return peer
 
@@ -593,6 +621,8 @@ class BlobSwarm:
         peer = self._peers.get(name)
         if peer is None:
             peer = self._add_peer(name, bits)
+            if not bits:
+                return  # nothing to count, nothing to ask it for (a start: N^2 of these)
             self._add_bits(peer, bits)
         else:
             peer.heard = self._now
@@ -692,7 +722,8 @@ class BlobSwarm:
         if self._forced & bit or not self._rarity.avail[index]:
             if not self._forced & bit:
                 self._rarity.want(index)
-                self._orphan_since.setdefault(index, self._now)
+                if self._orphan_since[index] is None:
+                    self._orphan_since[index] = self._now
             heapq.heappush(self._retries, (self._now + self.config.origin_wait_limit, index))
         else:
             self._unsourced(index)
@@ -701,9 +732,7 @@ class BlobSwarm:
         now = self._now
         if not self._started:
             self._started = True
-            for index in set_bits(self._rarity.orphans):
-                self._orphan_since.setdefault(index, now)
-                self._check_orphan(index)
+            self._check_orphans(set_bits(self._rarity.orphans))
         for request in self._book.expired(now):
             self._acts.append(SendCancel(request.peer, request.index))
             peer = self._peers.get(request.peer)
@@ -715,12 +744,18 @@ class BlobSwarm:
             if unsourced:
                 self._unsourced(request.index)
         deadlines = self._deadlines
+        stale = 0
         while deadlines and deadlines[0][0] <= now:
             when, index = heapq.heappop(deadlines)
-            if self._orphan_deadline.get(index) == when:
-                del self._orphan_deadline[index]
+            if self._orphan_deadline[index] == when:
+                self._orphan_deadline[index] = None
                 if self._waiting(index):
                     self._check_orphan(index)
+            else:
+                stale += 1
+                if stale * DEADLINE_REBUILD_RATIO >= self._count + len(deadlines):
+                    deadlines = self._rebuild_deadlines()
+                    stale = 0
         retries = self._retries
         while retries and retries[0][0] <= now:
             index = heapq.heappop(retries)[1]
@@ -859,9 +894,8 @@ class BlobSwarm:
         """``peer`` is gone (left or banned): its requests go elsewhere, its chunks no longer
         count, and orphans waiting on it are decided again."""
         name = peer.name
-        self._free.pop(name, None)
-        self._holding.pop(name, None)
         self._free_holding.pop(name, None)
+        peer.free = peer.holding = False
         if peer.member:
             del self._members[name]
         dropped = self._book.drop_peer(name)
@@ -872,11 +906,13 @@ class BlobSwarm:
                 self._unsourced(request.index)
         for index in set_bits(orphaned):
             self._orphaned(index)
-        for index in sorted(self._watching.pop(name, ())):
-            if self._watched_by.get(index) == name:
-                del self._watched_by[index]
-                if self._waiting(index):
-                    self._check_orphan(index)
+        # a scan of every chunk, rare (a peer leaves), rather than a set per watched node
+        # kept up to date by every Have of an orphan
+        watched_by = self._watched_by
+        for index in [index for index, watched in enumerate(watched_by) if watched == name]:
+            watched_by[index] = None
+            if self._waiting(index):
+                self._check_orphan(index)
 
     def _ban(self, name: str, reason: str) -> None:
         if self._book.is_banned(name) or name == self.node_id:
@@ -889,39 +925,34 @@ class BlobSwarm:
 
     def _now_holding(self, peer: _Peer) -> None:
         """``peer`` announced its first chunk since it joined."""
-        name = peer.name
-        self._holding[name] = peer
-        if name in self._free:
-            self._free_holding[name] = peer
+        peer.holding = True
+        if peer.free:
+            self._free_holding[peer.name] = peer
 
     def _set_free(self, peer: _Peer) -> None:
-        name = peer.name
-        if name not in self._free:
-            self._free[name] = None
+        if not peer.free:
+            name = peer.name
+            peer.free = True
             self._freed += 1
             peer.freed_at = self._freed
-            if name in self._holding:
+            if peer.holding:
                 self._free_holding[name] = peer
 
     def _back_off(self, peer: _Peer) -> None:
         until = self._now + self.config.peer_backoff
         peer.backoff_until = until
-        self._free.pop(peer.name, None)
-        self._free_holding.pop(peer.name, None)
+        if peer.free:
+            peer.free = False
+            self._free_holding.pop(peer.name, None)
         self._seq += 1
         heapq.heappush(self._backoffs, (until, self._seq, peer.name))
 
     # -- requests ---------------------------------------------------------------------------
 
-    def _length(self, index: int) -> int:
-        return self._last_length if index == self._count - 1 else self.plan.chunk_size
-
     def _fill(self, peer: _Peer) -> None:
         """Give ``peer`` requests while it has free pipeline slots and chunks we want."""
-        name = peer.name
-        free = self._free
         rarity = self._rarity
-        while name in free:
+        while peer.free:
             candidates = peer.bits & rarity.pickable
             if candidates:
                 index = pick(candidates, rarity, self._urgent, self._rng)
@@ -937,10 +968,11 @@ class BlobSwarm:
 
     def _request(self, peer: _Peer, index: int) -> None:
         name = peer.name
-        self._book.add(name, index, self._now, self._length(index))
+        self._book.add(name, index, self._now,
+                       self._last_length if index == self._count - 1 else self.plan.chunk_size)
         peer.requested |= 1 << index
         if self._book.outstanding(name) >= self.config.pipeline_depth:
-            del self._free[name]
+            peer.free = False
             self._free_holding.pop(name, None)
         self._add_source(index)
         self._acts.append(SendRequest(name, index))
@@ -1050,39 +1082,65 @@ class BlobSwarm:
     def _orphaned(self, index: int) -> None:
         """Wanted chunk ``index`` has no holder any more."""
         if self._started:
-            self._orphan_since.setdefault(index, self._now)
+            if self._orphan_since[index] is None:
+                self._orphan_since[index] = self._now
             self._check_orphan(index)
 
     def _not_orphan(self, index: int) -> None:
         """``index`` is held by a peer, or by us: stop waiting for or queueing it."""
-        self._orphan_since.pop(index, None)
-        self._orphan_deadline.pop(index, None)
+        self._orphan_since[index] = self._orphan_deadline[index] = \
+            self._watched_by[index] = None
         bit = 1 << index
         if self._queued & bit:  # rarely: no need to build ~bit
             self._queued ^= bit
-        watcher = self._watched_by.pop(index, None)
-        if watcher is not None:
-            self._watching[watcher].discard(index)
 
     def _check_orphan(self, index: int) -> None:
         """Fetch orphan ``index`` from the origin now, or wait for a live node outranking us
         (rendezvous weight) until it has been silent for ``origin_wait_limit`` or without
         progress for ``origin_stall_limit``."""
+        self._check_orphans((index,))
+
+    def _check_orphans(self, indexes: Iterable[int]) -> None:
+        """``_check_orphan`` of each of ``indexes`` in turn: the first Tick checks every
+        chunk, and what the checks share (the members, how long each stays live) does not
+        change between them."""
         now = self._now
-        since = self._orphan_since.setdefault(index, now)
+        orphan_since = self._orphan_since
         limit = self.config.origin_wait_limit
         stall = self._stall_limit()
-        key = self._chunk_key(index)
-        mine = xxh3_64_intdigest(self._self_key, key)
+        chunk_keys = self._chunk_keys
+        self_key = self._self_key
         me = self.node_id
-        for name, peer in self._members.items():
-            theirs = xxh3_64_intdigest(peer.key, key)
-            if theirs > mine or (theirs == mine and name > me):
-                until = max(since + limit, self._alive_until(peer, stall))
+        members = self._members.values()
+        alive_until: dict[str, float] = {}
+        for index in indexes:
+            since = orphan_since[index]
+            if since is None:
+                since = orphan_since[index] = now
+            key = chunk_keys.get(index)
+            if key is None:
+                key = chunk_keys[index] = chunk_key(self.blob, index)
+            mine = xxh3_64_intdigest(self_key, key)
+            # the first member outranking us, in member order (a few members in: each
+            # outranks us with probability about 1/2, 1/3, ...)
+            for peer in members:
+                theirs = xxh3_64_intdigest(peer.key, key)
+                if theirs < mine:
+                    continue
+                name = peer.name
+                if theirs == mine and name < me:
+                    continue  # a tie of weights goes to the greater name: ours
+                alive = alive_until.get(name)
+                if alive is None:
+                    alive = alive_until[name] = self._alive_until(peer, stall)
+                until = since + limit
+                if alive > until:
+                    until = alive
                 if until > now:
                     self._watch(index, name, until)
-                    return
-        self._queue_origin(index)
+                    break
+            else:
+                self._queue_origin(index)
 
     def _stall_limit(self) -> float:
         """How long a live member may show no progress before its orphans are fetched by
@@ -1095,17 +1153,18 @@ class BlobSwarm:
             pace = self._now - self._first_origin_fetch
         return limit if pace is None else max(limit, STALL_PACES * pace)
 
+    def _rebuild_deadlines(self) -> list[tuple[float, int]]:
+        """The deadline heap with only its live entries. A Have of an orphan we wait for
+        leaves the orphan's entry behind (at a start, one per chunk in every swarm), and
+        popping them one by one costs a heap operation each; the live entries pop in the
+        same (time, chunk) order from the rebuilt heap."""
+        deadlines = self._deadlines = [(until, index) for index, until
+                                       in enumerate(self._orphan_deadline) if until is not None]
+        heapq.heapify(deadlines)
+        return deadlines
+
     def _watch(self, index: int, name: str, until: float) -> None:
-        old = self._watched_by.get(index)
-        if old != name:
-            if old is not None:
-                self._watching[old].discard(index)
-            self._watched_by[index] = name
-            watching = self._watching.get(name)
-            if watching is None:
-                self._watching[name] = {index}
-            else:
-                watching.add(index)
+        self._watched_by[index] = name
         self._orphan_deadline[index] = until
         heapq.heappush(self._deadlines, (until, index))
 
@@ -1129,10 +1188,7 @@ class BlobSwarm:
         if self._queued & bit:
             return
         self._queued |= bit
-        self._orphan_deadline.pop(index, None)
-        watcher = self._watched_by.pop(index, None)
-        if watcher is not None:
-            self._watching[watcher].discard(index)
+        self._orphan_deadline[index] = self._watched_by[index] = None
         self._seq += 1
         heapq.heappush(self._origin_queue, (0 if self._urgent & bit else 1, self._seq, index))
 
@@ -1150,7 +1206,7 @@ class BlobSwarm:
                 continue
             if not self._forced & bit and not rarity.orphans & bit:
                 continue  # a peer has it now
-            self._orphan_since.pop(index, None)
+            self._orphan_since[index] = None
             self._origin |= bit
             self._origin_count += 1
             self._origin_asked[index] = self._now
