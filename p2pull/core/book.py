@@ -78,7 +78,9 @@ class RequestBook:
     def timeout(self, peer: str, nbytes: int) -> float:
         """Seconds a request for ``nbytes`` from ``peer`` is given:
         max(timeout_min, TIMEOUT_RATE_FACTOR x nbytes / the peer's throughput estimate)."""
-        record = self._records.get(peer)
+        return self._timeout_of(self._records.get(peer), nbytes)
+
+    def _timeout_of(self, record: PeerRecord | None, nbytes: int) -> float:
         rate = record.throughput if record is not None and record.throughput else None
         return max(self.timeout_min,
                    TIMEOUT_RATE_FACTOR * nbytes / (rate or self.assumed_throughput))
@@ -93,14 +95,12 @@ class RequestBook:
             raise ValueError(f"chunk {index} already requested from {peer}")
         if len(requests) >= self.pipeline_depth:
             raise ValueError(f"pipeline to {peer} is full")
-        # is_banned, timeout and _schedule_expiry inline, on one look-up of the record: a
-        # swarm sends a request for about every busy answer it gets, several per chunk
+        # is_banned and timeout on one look-up of the record: a swarm sends a request for
+        # about every busy answer it gets, several per chunk
         record = self._records.get(peer)
         if record is not None and record.banned:
             raise ValueError(f"{peer} is banned")
-        rate = record.throughput if record is not None and record.throughput else None
-        expires_at = now + max(self.timeout_min,
-                               TIMEOUT_RATE_FACTOR * nbytes / (rate or self.assumed_throughput))
+        expires_at = now + self._timeout_of(record, nbytes)
         request = Request(peer, index, now, expires_at)
         requests[index] = request
         peers = self._by_index.get(index)
@@ -108,8 +108,7 @@ class RequestBook:
             self._by_index[index] = {peer: request}
         else:
             peers[peer] = request
-        self._seq += 1
-        heapq.heappush(self._expiry, (expires_at, self._seq, request))
+        self._schedule_expiry(expires_at, request)
         return request
 
     def _remove(self, peer: str, index: int) -> Request | None:

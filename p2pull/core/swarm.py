@@ -604,9 +604,7 @@ class BlobSwarm:
             self._members[name] = peer
             if self._queued:
                 self._member_joined(peer)
-        # has_capacity without its ban check: _on_joined, the only caller, returned for a
-        # banned peer already
-        if self._book.outstanding(name) < self._book.pipeline_depth:
+        if self._book.has_capacity(name):
             self._set_free(peer)
         return peer
 
@@ -1108,7 +1106,6 @@ class BlobSwarm:
         orphan_since = self._orphan_since
         limit = self.config.origin_wait_limit
         stall = self._stall_limit()
-        chunk_keys = self._chunk_keys
         self_key = self._self_key
         me = self.node_id
         members = self._members.values()
@@ -1117,9 +1114,7 @@ class BlobSwarm:
             since = orphan_since[index]
             if since is None:
                 since = orphan_since[index] = now
-            key = chunk_keys.get(index)
-            if key is None:
-                key = chunk_keys[index] = chunk_key(self.blob, index)
+            key = self._chunk_key(index)
             mine = xxh3_64_intdigest(self_key, key)
             # the first member outranking us, in member order (a few members in: each
             # outranks us with probability about 1/2, 1/3, ...)
