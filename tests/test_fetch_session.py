@@ -8,11 +8,13 @@ import random
 from types import SimpleNamespace
 
 import trio
+import trio.testing
 
 from p2pull.core.bitmap import Bitmap
+from p2pull.core.chunks import ChunkPlan
 from p2pull.core.refs import parse_ref
 from p2pull.core.swarm import BlobSwarm, FetchFromOrigin, PeerHave, PeerJoined, SwarmConfig, Tick
-from p2pull.net.fetch import MAX_ORIGIN_CHUNKS, BlobSession
+from p2pull.net.fetch import MAX_ORIGIN_CHUNKS, BlobSession, _OriginPool
 from p2pull.origin.manifest import Descriptor
 from p2pull.progress import BlobProgress
 
@@ -57,3 +59,37 @@ async def test_a_queued_origin_chunk_a_peer_holds_now_goes_to_the_peer():
     assert top not in session.swarm.fetching_from_origin
     assert session._origin_wanted(ours[0])  # nobody else has that one
     assert ours[0] in session.swarm.fetching_from_origin
+
+
+class _HeldSession:
+    """Stands in for a blob session in the origin pool: each fetch waits until released,
+    so the test sees how many run at once."""
+
+    def __init__(self, chunks: int):
+        self.plan = ChunkPlan(chunks * CHUNK, CHUNK)
+        self.running = 0
+        self.release = trio.Event()
+
+    async def fetch_from_origin(self, first, count, pool):
+        self.running += 1
+        try:
+            await self.release.wait()
+        finally:
+            self.running -= 1
+
+
+async def test_a_larger_share_of_the_origin_work_opens_connections_at_once():
+    """A node whose part of the swarm's origin work grows (it fell behind, or the others
+    are done) gets more connections as soon as the share is known, not after a rate
+    window: in the lab, a node left on two connections finished its share 3 s late."""
+    session = _HeldSession(64)
+    async with trio.open_nursery() as nursery:
+        pool = _OriginPool(None, None, nursery, cap=16)
+        pool.share_work(session, 8, 64)  # one eighth of the work: two connections
+        pool.submit(session, list(range(0, 64, 2)))  # runs of one chunk each
+        await trio.testing.wait_all_tasks_blocked()
+        assert session.running == pool.concurrency.limit == 2
+        pool.share_work(session, 32, 32)  # the others are done: all that is left is ours
+        await trio.testing.wait_all_tasks_blocked()
+        assert session.running == pool.concurrency.limit == 16
+        session.release.set()

@@ -114,6 +114,16 @@ def test_the_cap_follows_the_share_and_the_limit_moves_with_it():
     assert max(origin.run(policy, seconds=30, step=0.05)) <= 10
 
 
+def test_a_lower_cap_before_the_first_window_keeps_what_it_allows():
+    """At the start a node has 4 of 16 requests and learns that its share is 2: it keeps
+    2, not 4 - (16 - 2)."""
+    policy = AdaptiveConcurrency(limit=4, cap=16)
+    policy.set_cap(2)
+    assert policy.limit == 2
+    policy.set_cap(3)
+    assert policy.limit == 3
+
+
 def test_short_windows_do_not_count():
     policy = AdaptiveConcurrency(limit=4, cap=64)
     now = 0.0

@@ -53,12 +53,17 @@ class AdaptiveConcurrency:
         return self.limit
 
     def set_cap(self, cap: int) -> None:
-        """Change the most requests allowed (this node's share of the origin changed):
-        the limit moves by as much as the cap (what a pushback took stays taken), and the
-        rate is measured afresh, the old one having been taken under other sharing."""
+        """Change the most requests allowed (this node's share of the origin changed): a
+        higher cap raises the limit by as much (what a pushback took stays taken), a lower
+        one bounds it; the rate is measured afresh, the old one having been taken under
+        other sharing. (Lowering by as much as the cap took a node that had not probed up
+        to its cap yet, 4 of 16 at the start, down to one connection for its first window.)"""
         cap = max(self.floor, cap)
         if cap != self.cap:
-            self.limit = max(self.floor, min(cap, self.limit + cap - self.cap))
+            if cap > self.cap:
+                self.limit = min(cap, self.limit + cap - self.cap)
+            else:
+                self.limit = max(self.floor, min(cap, self.limit))
             self.cap = cap
             self.best_rate = 0.0
             self._window_start, self._window_bytes = None, 0

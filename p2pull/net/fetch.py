@@ -138,6 +138,9 @@ class _OriginPool:
         remaining = sum(r for _, r in self._work.values())
         share = mine / remaining if remaining else 1.0
         self.concurrency.set_cap(max(1, round(self.max_connections * share)))
+        # a larger share takes its connections now: waiting for the next rate window to
+        # raise the limit left a node that fell behind on its few early connections
+        self._spawn()
 
     def session_done(self, session: "BlobSession") -> None:
         self._work.pop(session, None)
