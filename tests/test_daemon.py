@@ -93,7 +93,9 @@ def test_get_through_the_daemon_reports_status_and_metrics(daemon, tmp_path):
 
 #: what a CLI talking to its daemon must not import: each costs CPU at the start of every
 #: node's `p2pull get` (trio and httpx together ~0.25 s), when the cluster is busiest
-HEAVY_MODULES = ("trio", "httpx", "rich", "zeroconf", "p2pull.net", "p2pull.core.swarm")
+HEAVY_MODULES = ("trio", "httpx", "rich", "zeroconf", "p2pull.net", "p2pull.core.swarm",
+                 # http.client brings the email package and ssl: 50 ms of a 120 ms start
+                 "http.client", "email", "ssl")
 
 
 def test_get_status_and_peers_through_the_daemon_import_no_event_loop(daemon, tmp_path):
