@@ -35,6 +35,10 @@ def swarm(chunks: int = 10, node: str = "me", held: set[int] = frozenset(),
     bitmap = Bitmap(chunks)
     for index in held:
         bitmap.add(index)
+    # one depth for any number of peers unless a test says otherwise: most rules are
+    # shown with a fixed pipeline
+    config.setdefault("shared_pipeline_depth",
+                      config.get("pipeline_depth", SwarmConfig.pipeline_depth))
     return BlobSwarm(BLOB, plan(chunks), node, bitmap, SwarmConfig(**config),
                      random.Random(seed))
 
@@ -70,6 +74,24 @@ def test_requests_only_missing_chunks_and_respects_the_pipeline():
     actions = s.handle(PeerJoined("seed2", full(10)), 0.0)
     assert sorted(requests(actions)) == [("seed2", i) for i in (6, 7, 8, 9)]
     assert s.in_endgame
+
+
+def test_pipelines_narrow_once_a_second_peer_holds_chunks():
+    """One peer holding chunks gets pipeline_depth requests (its link must stay busy
+    across a round trip on its own); once a second peer holds chunks, every peer gets
+    shared_pipeline_depth, and a peer already at that many is not free any more."""
+    s = swarm(20, pipeline_depth=3, shared_pipeline_depth=2)
+    assert len(requests(s.handle(PeerJoined("a", full(20)), 0.0))) == 3
+    s.handle(PeerJoined("b", Bitmap(20)), 0.0)  # holds nothing yet: a stays at three
+    asked_of_a = s.book.requests_of("a")
+    b_has = [index for index in range(20) if index not in asked_of_a][:3]
+    assert requests(s.handle(PeerHave("b", b_has[0]), 0.0)) == [("b", b_has[0])]
+    assert s.book.pipeline_depth == 2
+    # a piece from a frees no slot: it is still at two, the new depth
+    assert requests(s.handle(PieceVerified("a", asked_of_a[0], CHUNK), 0.1)) == []
+    assert s.book.outstanding("a") == 2
+    assert requests(s.handle(PeerHave("b", b_has[1]), 0.1)) == [("b", b_has[1])]
+    assert requests(s.handle(PeerHave("b", b_has[2]), 0.1)) == []  # b is full at two
 
 
 def test_snapshot_counts_what_a_pull_waits_for():

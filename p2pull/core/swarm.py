@@ -85,13 +85,16 @@ FAILURE_REASONS = ("corrupt", "rejected", "busy", "error")
 class SwarmConfig:
     """Scheduling knobs of one blob swarm. Times in seconds, rates in bytes per second."""
 
-    #: requests outstanding with one peer: enough to keep its link busy across a round trip
-    #: (BitTorrent clients use 4-16 for large pieces). No deeper: a request waiting at a
-    #: busy peer holds its chunk there while a free peer could have sent it. In the
-    #: namespace lab (256 KiB chunks, 8 nodes, interleaved runs) the slowest node's median
-    #: was 48.7 s at 4, 48.1 s at 3 and 47.6 s at 2; a single peer over loopback kept its
-    #: rate at 3 and lost up to a tenth of it at 2
+    #: requests outstanding with one peer while it is the only one to have held chunks:
+    #: enough to keep its link busy across a round trip (a single peer over loopback lost
+    #: up to a tenth of its rate at 2)
     pipeline_depth: int = 3
+    #: ... and once two or more peers have: the pipelines together still cover the round
+    #: trip, and no deeper, as a request waiting at a busy peer holds its chunk there while
+    #: a free peer could have sent it. In the namespace lab (256 KiB chunks, 8 nodes,
+    #: interleaved runs) the slowest node's median was 48.7 s at 4, 48.1 s at 3 and 47.6 s
+    #: at 2. At most pipeline_depth.
+    shared_pipeline_depth: int = 2
     #: the least time a request is given before it is re-sent elsewhere; a peer measured
     #: slow gets 4 x chunk length / its throughput instead, if that is longer
     request_timeout_min: float = 5.0
@@ -137,10 +140,10 @@ class SwarmConfig:
                self.origin_help_margin) < 0:
             raise ValueError("origin_help_in_flight, origin_help_members and "
                              "origin_help_margin must not be negative")
-        if self.pipeline_depth < 1 or self.endgame_duplicates < 1 or \
-                self.max_origin_in_flight < 1:
-            raise ValueError("pipeline_depth, endgame_duplicates and max_origin_in_flight "
-                             "must be at least 1")
+        if min(self.pipeline_depth, self.shared_pipeline_depth, self.endgame_duplicates,
+               self.max_origin_in_flight) < 1:
+            raise ValueError("pipeline_depth, shared_pipeline_depth, endgame_duplicates and "
+                             "max_origin_in_flight must be at least 1")
         if min(self.request_timeout_min, self.origin_wait_limit, self.origin_stall_limit,
                self.peer_backoff) < 0:
             raise ValueError("times must not be negative")
@@ -335,7 +338,7 @@ class BlobSwarm:
         "_peers", "_count", "_missing", "_rarity", "_queued", "_orphan_since",
         "_orphan_deadline", "_watched_by", "_now", "_acts", "_origin_count", "config",
         "_endgame", "_free_holding", "_urgent", "_rng", "_sourced", "_saturated", "_forced",
-        "_book", "_sources", "_freed", "_last_length", "plan",
+        "_book", "_depth", "_sources", "_freed", "_last_length", "plan", "_holders",
         "_handlers", "_seq", "_backoffs", "_deadlines", "_retries", "_origin", "_origin_queue",
         "_origin_asked", "_first_origin_fetch", "_origin_chunk_seconds", "_members",
         "_self_key", "_chunk_keys", "_helping", "_started",
@@ -365,6 +368,10 @@ class BlobSwarm:
         self._saturated = 0  # chunks with endgame_duplicates sources under way
         self._book = RequestBook(config.pipeline_depth, config.request_timeout_min,
                                  config.assumed_throughput, config.throughput_smoothing)
+        #: requests per peer now: pipeline_depth, then shared_pipeline_depth once two peers
+        #: have held chunks (_holders of them)
+        self._depth = config.pipeline_depth
+        self._holders = 0
         self._peers: dict[str, _Peer] = {}
         #: the peers that may be sent a request now are those with ``free`` set; the order
         #: they became free in is counted here (``_Peer.freed_at``)
@@ -923,9 +930,26 @@ class BlobSwarm:
 
     def _now_holding(self, peer: _Peer) -> None:
         """``peer`` announced its first chunk since it joined."""
+        if not peer.holding:
+            self._holders += 1
+            if self._holders == 2:
+                self._narrow_pipelines()
         peer.holding = True
         if peer.free:
             self._free_holding[peer.name] = peer
+
+    def _narrow_pipelines(self) -> None:
+        """A second peer holds chunks: from now on each peer gets shared_pipeline_depth
+        requests (the swarm's depth never widens again; a peer leaving is rare)."""
+        depth = min(self.config.pipeline_depth, self.config.shared_pipeline_depth)
+        if depth == self._depth:
+            return
+        self._depth = self._book.pipeline_depth = depth
+        outstanding = self._book.outstanding
+        for name, peer in self._peers.items():
+            if peer.free and outstanding(name) >= depth:
+                peer.free = False
+                self._free_holding.pop(name, None)
 
     def _set_free(self, peer: _Peer) -> None:
         if not peer.free:
@@ -969,7 +993,7 @@ class BlobSwarm:
         self._book.add(name, index, self._now,
                        self._last_length if index == self._count - 1 else self.plan.chunk_size)
         peer.requested |= 1 << index
-        if self._book.outstanding(name) >= self.config.pipeline_depth:
+        if self._book.outstanding(name) >= self._depth:
             peer.free = False
             self._free_holding.pop(name, None)
         self._add_source(index)
@@ -994,8 +1018,7 @@ class BlobSwarm:
         """A request to ``peer`` for ``index`` closed; True if the chunk, still missing, has
         no source left."""
         peer.requested &= ~(1 << index)
-        if peer.backoff_until is None and self._book.outstanding(peer.name) < \
-                self.config.pipeline_depth:
+        if peer.backoff_until is None and self._book.outstanding(peer.name) < self._depth:
             self._set_free(peer)
         return self._drop_source(index)
 
