@@ -94,6 +94,14 @@ def test_pipelines_narrow_once_a_second_peer_holds_chunks():
     assert requests(s.handle(PeerHave("b", b_has[2]), 0.1)) == []  # b is full at two
 
 
+def test_a_lone_peer_that_comes_back_keeps_the_deeper_pipeline():
+    s = swarm(20, pipeline_depth=3, shared_pipeline_depth=2)
+    s.handle(PeerJoined("a", full(20)), 0.0)
+    s.handle(PeerLeft("a"), 0.1)
+    assert len(requests(s.handle(PeerJoined("a", full(20)), 0.2))) == 3
+    assert s.book.pipeline_depth == 3
+
+
 def test_snapshot_counts_what_a_pull_waits_for():
     s = swarm(20, held={0}, pipeline_depth=3, max_origin_in_flight=2)
     assert s.snapshot() == {"missing": 19, "pickable": 0, "requested": 0, "origin": 0,

@@ -900,6 +900,8 @@ class BlobSwarm:
         count, and orphans waiting on it are decided again."""
         name = peer.name
         self._free_holding.pop(name, None)
+        if peer.holding:
+            self._holders -= 1  # a peer that comes back is not a second one
         peer.free = peer.holding = False
         if peer.member:
             del self._members[name]
