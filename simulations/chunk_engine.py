@@ -6,9 +6,9 @@ What is modelled, as the daemon does it (``p2pull/net/node.py``, ``p2pull/net/fe
 - A request travels to its peer in rtt/2 and joins that connection's FIFO queue. A connection
   sends one chunk at a time; each chunk takes one of the sender's ``upload_slots``
   (``UploadSlots``, the real class), acquired when it starts and released when it ends; a
-  request that finds no slot is answered ``busy`` (the requester backs off), or with
-  ``nodes.when_busy = "queue"`` waits at the sender until a slot frees (not what the daemon
-  does today: what it could do to avoid busy storms). The piece
+  request that finds no slot waits at the sender until one frees (``nodes.when_busy =
+  "queue"``, the daemon's default), or with ``"answer"`` is answered ``busy`` (the
+  requester backs off). The piece
   arrives rtt/2 after its last byte left. A cancel removes a request still queued.
 - Origin fetches (``FetchFromOrigin``) join the node's origin queue, shared by its blobs, in
   the order the swarms decided them; ``origin.connections`` connections each take the next

@@ -123,7 +123,7 @@ ENV_SAMPLES = {
     "origin_attempts": ("2", 2),
     "origin_timeout": ("0.5", 0.5),
     "upload_slots": ("3", 3),
-    "upload_when_busy": ("queue", "queue"),
+    "upload_when_busy": ("answer", "answer"),
     "upload_rate": ("50MB", 50 * 10**6),
     "upload_burst": ("1MiB", 2**20),
     "download_rate": ("2MB", 2 * 10**6),
@@ -168,7 +168,7 @@ def test_chunk_size_values(tmp_path):
 
 
 def test_upload_when_busy_takes_only_its_two_values():
-    assert load_config(env={}).upload_when_busy == "answer"
+    assert load_config(env={}).upload_when_busy == "queue"
     with pytest.raises(UsageError, match="upload_when_busy.*answer, queue"):
         load_config(env={"P2PULL_UPLOAD_WHEN_BUSY": "wait"})
 

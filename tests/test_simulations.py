@@ -237,8 +237,8 @@ def test_queueing_at_a_busy_sender_answers_nothing_busy():
     # 12 nodes with 2 upload slots each: answered busy, many requests bounce; queued at
     # the sender, none does, and every byte still comes from the origin once
     overrides = ["nodes.count=12", "nodes.upload_slots=2"]
-    answered = chunk_engine.run(load("tiny", overrides))
-    queued = chunk_engine.run(load("tiny", overrides + ['when_busy="queue"']))
+    answered = chunk_engine.run(load("tiny", overrides + ['when_busy="answer"']))
+    queued = chunk_engine.run(load("tiny", overrides))  # the default
     assert answered["stats"]["busy"] > 0 and queued["stats"]["busy"] == 0
     assert all(node["seconds"] is not None for node in queued["nodes"])
     assert queued["origin_bytes"] == queued["size_bytes"]
