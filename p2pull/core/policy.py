@@ -63,7 +63,7 @@ class AdaptiveConcurrency:
             if cap > self.cap:
                 self.limit = min(cap, self.limit + cap - self.cap)
             else:
-                self.limit = max(self.floor, min(cap, self.limit))
+                self.limit = min(cap, self.limit)
             self.cap = cap
             self.best_rate = 0.0
             self._window_start, self._window_bytes = None, 0

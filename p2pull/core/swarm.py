@@ -338,7 +338,7 @@ class BlobSwarm:
         "_peers", "_count", "_missing", "_rarity", "_queued", "_orphan_since",
         "_orphan_deadline", "_watched_by", "_now", "_acts", "_origin_count", "config",
         "_endgame", "_free_holding", "_urgent", "_rng", "_sourced", "_saturated", "_forced",
-        "_book", "_depth", "_sources", "_freed", "_last_length", "plan", "_holders",
+        "_book", "_sources", "_freed", "_last_length", "plan", "_holders",
         "_handlers", "_seq", "_backoffs", "_deadlines", "_retries", "_origin", "_origin_queue",
         "_origin_asked", "_first_origin_fetch", "_origin_chunk_seconds", "_members",
         "_self_key", "_chunk_keys", "_helping", "_started",
@@ -368,9 +368,8 @@ class BlobSwarm:
         self._saturated = 0  # chunks with endgame_duplicates sources under way
         self._book = RequestBook(config.pipeline_depth, config.request_timeout_min,
                                  config.assumed_throughput, config.throughput_smoothing)
-        #: requests per peer now: pipeline_depth, then shared_pipeline_depth once two peers
-        #: have held chunks (_holders of them)
-        self._depth = config.pipeline_depth
+        #: peers that have held chunks: at two, the book's pipeline depth goes from
+        #: pipeline_depth to shared_pipeline_depth
         self._holders = 0
         self._peers: dict[str, _Peer] = {}
         #: the peers that may be sent a request now are those with ``free`` set; the order
@@ -943,11 +942,12 @@ class BlobSwarm:
     def _narrow_pipelines(self) -> None:
         """A second peer holds chunks: from now on each peer gets shared_pipeline_depth
         requests (the swarm's depth never widens again; a peer leaving is rare)."""
+        book = self._book
         depth = min(self.config.pipeline_depth, self.config.shared_pipeline_depth)
-        if depth == self._depth:
+        if depth == book.pipeline_depth:
             return
-        self._depth = self._book.pipeline_depth = depth
-        outstanding = self._book.outstanding
+        book.pipeline_depth = depth
+        outstanding = book.outstanding
         for name, peer in self._peers.items():
             if peer.free and outstanding(name) >= depth:
                 peer.free = False
@@ -992,10 +992,11 @@ class BlobSwarm:
 
     def _request(self, peer: _Peer, index: int) -> None:
         name = peer.name
-        self._book.add(name, index, self._now,
-                       self._last_length if index == self._count - 1 else self.plan.chunk_size)
+        book = self._book
+        book.add(name, index, self._now,
+                 self._last_length if index == self._count - 1 else self.plan.chunk_size)
         peer.requested |= 1 << index
-        if self._book.outstanding(name) >= self._depth:
+        if book.outstanding(name) >= book.pipeline_depth:
             peer.free = False
             self._free_holding.pop(name, None)
         self._add_source(index)
@@ -1020,7 +1021,8 @@ class BlobSwarm:
         """A request to ``peer`` for ``index`` closed; True if the chunk, still missing, has
         no source left."""
         peer.requested &= ~(1 << index)
-        if peer.backoff_until is None and self._book.outstanding(peer.name) < self._depth:
+        book = self._book
+        if peer.backoff_until is None and book.outstanding(peer.name) < book.pipeline_depth:
             self._set_free(peer)
         return self._drop_source(index)
 
