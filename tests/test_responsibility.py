@@ -8,7 +8,8 @@ from collections import Counter
 
 import pytest
 
-from p2pull.core.responsibility import chunk_key, outranks, ranking, responsible_node, weight
+from p2pull.core.responsibility import (chunk_key, fetcher_weight, fetchers, ranking,
+                                        responsible_node, weight)
 
 BLOB = "sha256:" + "12" * 32
 NODES = [f"node-{n}" for n in range(8)]
@@ -74,18 +75,56 @@ def test_minimal_disruption_when_a_node_joins():
     assert {after[i] for i in before if before[i] != after[i]} == {"newcomer"}
 
 
-def test_ranking_and_outranks_agree_with_responsible_node():
+def test_ranking_agrees_with_responsible_node():
     for index in range(100):
         order = ranking(BLOB, index, NODES)
         assert order[0] == responsible_node(BLOB, index, NODES)
         assert sorted(order) == sorted(NODES)
         key = chunk_key(BLOB, index)
-        assert all(outranks(key, order[i], order[i + 1]) for i in range(len(order) - 1))
         assert [weight(key, node) for node in order] == \
             sorted((weight(key, node) for node in NODES), reverse=True)
+
+
+MANY = [f"node-{n:04d}" for n in range(300)]
+
+
+def test_the_fetchers_are_the_highest_blob_weights_and_fetch_every_chunk():
+    chosen = fetchers(BLOB, MANY, 16)
+    assert len(chosen) == 16
+    lowest = min(fetcher_weight(BLOB, node) for node in chosen)
+    assert all(fetcher_weight(BLOB, node) < lowest for node in set(MANY) - chosen)
+    wins = Counter(responsible_node(BLOB, index, MANY, 16) for index in range(4000))
+    assert set(wins) == chosen  # every fetcher has a share, nobody else any
+    # another blob, other fetchers: the origin work of many blobs spreads over the nodes
+    assert fetchers("sha256:" + "34" * 32, MANY, 16) != chosen
+    assert fetchers(BLOB, MANY[:10], 16) == set(MANY[:10])
+    assert fetchers(BLOB, MANY, 0) == set(MANY)
+
+
+def test_fetchers_rank_first_and_the_next_node_replaces_one_that_leaves():
+    chosen = fetchers(BLOB, MANY, 4)
+    for index in range(50):
+        order = ranking(BLOB, index, MANY, 4)
+        assert set(order[:4]) == chosen
+        assert order[0] == responsible_node(BLOB, index, MANY, 4)
+    gone = max(chosen, key=lambda node: fetcher_weight(BLOB, node))
+    rest = [node for node in MANY if node != gone]
+    after = fetchers(BLOB, rest, 4)
+    newcomer, = after - chosen
+    assert chosen - after == {gone}
+    assert newcomer == max(set(rest) - chosen, key=lambda node: fetcher_weight(BLOB, node))
+
+
+def test_pinned_fetcher_weight():
+    """Part of the protocol, as the chunk weights are."""
+    assert fetcher_weight("sha256:00", "a") == PINNED_FETCHER_WEIGHT
+    assert fetcher_weight("sha256:00", "a") != fetcher_weight("sha256:01", "a")
 
 
 def test_single_node_and_empty():
     assert responsible_node(BLOB, 0, ["only"]) == "only"
     with pytest.raises(ValueError):
         responsible_node(BLOB, 0, [])
+
+
+PINNED_FETCHER_WEIGHT = 18127453128066303698

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from p2pull.core.bitmap import Bitmap
 from p2pull.core.chunks import ChunkPlan
-from p2pull.core.responsibility import ranking, responsible_node
+from p2pull.core.responsibility import fetcher_weight, fetchers, ranking, responsible_node
 from p2pull.core.swarm import (
     AnnounceHave, BanPeer, BlobCorrupt, BlobSwarm, Completed, FetchFromOrigin, OriginFailed,
     OriginDropped, PeerAlive, PeerHave, PeerJoined, PeerLeft, PieceFailed, PieceVerified,
@@ -316,6 +316,79 @@ def alive_then_tick(s: BlobSwarm, now: float, progressed: bool = False) -> set[i
     """"a" shows it is alive at ``now``; the chunks the Tick then fetches from the origin."""
     s.handle(PeerAlive("a", progressed), now)
     return {a.index for a in of(s.handle(Tick(), now), FetchFromOrigin)}
+
+
+def by_fetcher_rank(names) -> list[str]:
+    """``names`` from the highest fetcher weight for BLOB down."""
+    return sorted(names, key=lambda name: (fetcher_weight(BLOB, name), name), reverse=True)
+
+
+def test_in_a_large_swarm_only_the_fetchers_take_chunks_from_the_origin_each_once():
+    nodes = [f"n{i:02d}" for i in range(40)]
+    chosen = fetchers(BLOB, nodes, 4)
+    taken: dict[str, set[int]] = {}
+    for node in nodes:
+        s = swarm(60, node=node, max_origin_in_flight=100, origin_fetchers=4)
+        for other in nodes:
+            if other != node:
+                s.handle(PeerJoined(other, Bitmap(60)), 0.0)
+        taken[node] = {a.index for a in of(s.handle(Tick(), 0.0), FetchFromOrigin)}
+    assert {node for node, indexes in taken.items() if indexes} == chosen
+    for node in chosen:
+        assert taken[node] == {i for i in range(60)
+                               if responsible_node(BLOB, i, nodes, 4) == node}
+    assert sorted(i for indexes in taken.values() for i in indexes) == list(range(60))
+    # with every member fetching, all 40 take a share
+    s = swarm(60, node="n00", max_origin_in_flight=100, origin_fetchers=0)
+    for other in nodes[1:]:
+        s.handle(PeerJoined(other, Bitmap(60)), 0.0)
+    assert {a.index for a in of(s.handle(Tick(), 0.0), FetchFromOrigin)} == \
+        {i for i in range(60) if responsible_node(BLOB, i, nodes) == "n00"}
+
+
+def test_a_node_next_in_line_fetches_when_a_fetcher_leaves():
+    order = by_fetcher_rank([f"n{i:02d}" for i in range(12)])
+    first, second, me = order[:3]
+    s = swarm(40, node=me, max_origin_in_flight=100, origin_fetchers=2)
+    for name in order:
+        if name != me:
+            s.handle(PeerJoined(name, Bitmap(40)), 0.0)
+    assert not of(s.handle(Tick(), 0.0), FetchFromOrigin)  # two fetchers above us
+    actions = s.handle(PeerLeft(first), 0.5)
+    # now one of the two: our share among them at once, none of the second's
+    assert {a.index for a in of(actions, FetchFromOrigin)} == \
+        {i for i in range(40) if responsible_node(BLOB, i, [second, me]) == me}
+    assert s.handle(Tick(), 1.0) == []
+
+
+def test_a_fetcher_outranked_by_a_newcomer_leaves_it_the_chunks_not_yet_fetched():
+    order = by_fetcher_rank([f"n{i:02d}" for i in range(12)])
+    top, me, other = order[:3]
+    s = swarm(40, node=me, max_origin_in_flight=3, origin_fetchers=2)
+    s.handle(PeerJoined(other, Bitmap(40)), 0.0)
+    fetching = {a.index for a in of(s.handle(Tick(), 0.0), FetchFromOrigin)}
+    ours = {i for i in range(40) if responsible_node(BLOB, i, [me, other]) == me}
+    assert len(fetching) == 3 and fetching < ours
+    s.handle(PeerJoined(top, Bitmap(40)), 0.1)  # "other" is not a fetcher any more
+
+    def fetch_all(actions, now) -> set[int]:
+        """Every origin fetch asked for, answered at once (answers may ask for more)."""
+        asked = [a.index for a in of(actions, FetchFromOrigin)]
+        for index in asked:
+            asked += [a.index for a in of(s.handle(PieceVerified(None, index, CHUNK), now),
+                                          FetchFromOrigin)]
+        return set(asked)
+
+    # what is under way completes; "other" no longer outranks us, so the chunks we waited
+    # on it for are ours or the newcomer's now, and the newcomer's are left to it
+    taken = fetch_all([FetchFromOrigin(index) for index in fetching], 0.2) - fetching
+    for now in (0.5, 1.0, 1.5):  # both alive, and within the origin wait
+        s.handle(PeerAlive(top, progressed=True), now)
+        s.handle(PeerAlive(other, progressed=True), now)
+        taken |= fetch_all(s.handle(Tick(), now), now)
+    assert taken == {i for i in range(40) if responsible_node(BLOB, i, [top, me]) == me} \
+        - fetching
+    assert not s.complete
 
 
 def test_a_live_responsible_node_that_makes_no_progress_is_not_waited_for_ever():

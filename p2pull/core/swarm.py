@@ -31,7 +31,10 @@ How chunks are sourced
   chunk that becomes wanted again (a failed request) goes to the best-scoring free holder.
 - A chunk no peer holds (an orphan) is fetched from the origin by the node that ranks first
   for it by rendezvous hashing over the interested live nodes (self and the peers that joined
-  with an incomplete bitmap). Every other node waits: it fetches the chunk itself once it has
+  with an incomplete bitmap). In a swarm of more than ``origin_fetchers`` such nodes only
+  that many, the highest by the blob's own weight, fetch: any of them outranks every other
+  node (``responsibility``: every chunk would otherwise take the whole origin time to
+  arrive). Every other node waits: it fetches the chunk itself once it has
   needed it for ``origin_wait_limit`` and every node that outranks it for that chunk has been
   silent for ``origin_wait_limit`` (no join, Have, piece or answer) or has shown no progress
   (no Have, no piece) for ``origin_stall_limit``. So a dead first node costs
@@ -48,8 +51,9 @@ How chunks are sourced
 
 Cost: an event costs O(1) big-int operations on chunk sets (ints, bit i = chunk i) plus what
 it changes; no event scans chunks x peers. A peer's bitmap joining or leaving costs O(its
-chunks); deciding who fetches an orphan scans the interested nodes only until one outranks us
-(about ln N hashes on average).
+chunks); deciding who fetches an orphan scans the origin fetchers only until one outranks us
+(about ln of their number hashes on average; none for a node outside them). A member joining
+costs one hash and, while it ranks below the lowest fetcher, one comparison.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from __future__ import annotations
 import heapq
 import random
 from dataclasses import dataclass
+from itertools import chain
 from typing import Callable, Iterable, Literal
 
 from xxhash import xxh3_64_intdigest
@@ -65,7 +70,7 @@ from p2pull.core.bitmap import Bitmap, set_bits
 from p2pull.core.book import RequestBook
 from p2pull.core.chunks import ChunkPlan
 from p2pull.core.picker import Rarity, pick, pick_duplicate
-from p2pull.core.responsibility import chunk_key, node_bytes
+from p2pull.core.responsibility import chunk_key, fetcher_key, node_bytes
 from p2pull.errors import ProtocolError
 
 #: a live member without progress is stalled after this many of our own origin chunk times
@@ -125,21 +130,27 @@ class SwarmConfig:
     #: idles. A chunk helped while it waited in the first node's queue is not fetched
     #: again (``origin_needed``); 0 turns help off.
     origin_help_in_flight: int = 2
-    #: origin help is for swarms of at most this many interested nodes: it ranks every
-    #: member for each orphan it considers, and in a larger swarm each node's share of
-    #: the origin, and so the tail a slow share makes, is small
+    #: origin help is for at most this many origin fetchers: it ranks every fetcher for
+    #: each orphan it considers, and with more each fetcher's share of the origin, and so
+    #: the tail a slow share makes, is small
     origin_help_members: int = 32
     #: origin help takes a chunk only if at least this many of the first node's orphans
     #: lie below it: that node fetches its share in ascending order, with as many
     #: requests under way as its origin connections (the daemon's origin_max_connections,
     #: 16), and those must not be fetched twice
     origin_help_margin: int = 16
+    #: at most this many interested nodes fetch the blob from the origin, the ones with
+    #: the highest fetcher weight (``responsibility.fetchers``); the others wait for them.
+    #: With every node fetching its 1/N, the origin streams up to N chunks at once and
+    #: each arrives only when the origin has sent nearly all: at N = 1,000 nodes the peers
+    #: idled for the whole of the origin's work. 0: every interested node fetches.
+    origin_fetchers: int = 16
 
     def __post_init__(self):
         if min(self.origin_help_in_flight, self.origin_help_members,
-               self.origin_help_margin) < 0:
-            raise ValueError("origin_help_in_flight, origin_help_members and "
-                             "origin_help_margin must not be negative")
+               self.origin_help_margin, self.origin_fetchers) < 0:
+            raise ValueError("origin_help_in_flight, origin_help_members, "
+                             "origin_help_margin and origin_fetchers must not be negative")
         if min(self.pipeline_depth, self.shared_pipeline_depth, self.endgame_duplicates,
                self.max_origin_in_flight) < 1:
             raise ValueError("pipeline_depth, shared_pipeline_depth, endgame_duplicates and "
@@ -295,7 +306,7 @@ class _Peer:
     """A live, unbanned peer of this blob."""
 
     __slots__ = ("name", "key", "bits", "requested", "heard", "progressed", "member",
-                 "backoff_until", "freed_at", "free", "holding")
+                 "backoff_until", "freed_at", "free", "holding", "rank", "fetcher")
 
     def __init__(self, name: str, now: float):
         self.name = name
@@ -311,6 +322,10 @@ class _Peer:
         self.progressed = now
         #: joined incomplete: one of the nodes sharing origin fetches
         self.member = False
+        #: a member's (fetcher weight, name): the origin fetchers are the highest
+        self.rank: tuple[int, str] | None = None
+        #: a member that is one of the origin fetchers
+        self.fetcher = False
         #: no new requests before this time (busy, error, timeout)
         self.backoff_until: float | None = None
         #: when it last entered the swarm's free peers (a counter): their order, so that
@@ -341,7 +356,8 @@ class BlobSwarm:
         "_book", "_sources", "_freed", "_last_length", "plan", "_holders",
         "_handlers", "_seq", "_backoffs", "_deadlines", "_retries", "_origin", "_origin_queue",
         "_origin_asked", "_first_origin_fetch", "_origin_chunk_seconds", "_members",
-        "_self_key", "_chunk_keys", "_helping", "_started",
+        "_self_key", "_chunk_keys", "_helping", "_started", "_fetcher_peers",
+        "_self_fetcher", "_self_rank", "_fetch_key", "_fetch_floor",
         "_completed_sent", "_liveness", "_all", "blob", "node_id")
 
     def __init__(self, blob: str, plan: ChunkPlan, node_id: str, held: Bitmap,
@@ -383,6 +399,15 @@ class BlobSwarm:
         self._members: dict[str, _Peer] = {}
         self._self_key = node_bytes(node_id)
         self._chunk_keys: dict[int, int] = {}
+        #: the members among the origin fetchers (all members with origin_fetchers 0), in
+        #: the order they became fetchers; whether we are one; and, once the fetchers are
+        #: as many as origin_fetchers, the lowest rank among them (a member ranking below
+        #: it joins as a non-fetcher at the cost of one comparison)
+        self._fetcher_peers: dict[str, _Peer] = {}
+        self._self_fetcher = True
+        self._fetch_key = fetcher_key(blob)
+        self._self_rank = (xxh3_64_intdigest(self._self_key, self._fetch_key), node_id)
+        self._fetch_floor = self._self_rank if config.origin_fetchers == 1 else None
         self._urgent = 0
         self._forced = 0  # chunks to take from the origin only (after BlobCorrupt)
         self._helping = 0  # orphans queued or fetched for the origin as help
@@ -608,8 +633,9 @@ class BlobSwarm:
         if bits != self._all:
             peer.member = True
             self._members[name] = peer
+            self._place_fetcher(peer)
             if self._queued:
-                self._member_joined(peer)
+                self._outranked_by(peer)
         if self._book.has_capacity(name):
             self._set_free(peer)
         return peer
@@ -787,7 +813,7 @@ class BlobSwarm:
         fetches its share in ascending order, so these are the ones it reaches last, and
         the chunks it has under way are not among them."""
         config = self.config
-        if len(self._members) > config.origin_help_members:
+        if not self._self_fetcher or len(self._fetcher_peers) > config.origin_help_members:
             return
         taken = self._queued | self._origin
         helping = self._helping & taken
@@ -799,7 +825,7 @@ class BlobSwarm:
             return
         stall = self._stall_limit()
         me, self_key = self.node_id, self._self_key
-        members = list(self._members.items())
+        members = list(self._fetcher_peers.items())
         below: dict[str, int] = {}  # per first node: its orphans seen so far
         chosen = []
         for index in set_bits(self._rarity.orphans):
@@ -902,8 +928,11 @@ class BlobSwarm:
         if peer.holding:
             self._holders -= 1  # a peer that comes back is not a second one
         peer.free = peer.holding = False
+        promoted = False
         if peer.member:
             del self._members[name]
+            if peer.fetcher:
+                promoted = self._replace_fetcher(peer)
         dropped = self._book.drop_peer(name)
         bits, peer.bits, peer.requested = peer.bits, 0, 0
         orphaned = self._rarity.remove_holder(bits)
@@ -912,8 +941,14 @@ class BlobSwarm:
                 self._unsourced(request.index)
         for index in set_bits(orphaned):
             self._orphaned(index)
-        # a scan of every chunk, rare (a peer leaves), rather than a set per watched node
-        # kept up to date by every Have of an orphan
+        self._decide_again(name)
+        if promoted is not False:
+            self._promoted(promoted)
+
+    def _decide_again(self, name: str) -> None:
+        """The orphans we wait on ``name`` for are decided again (it left or stopped being
+        a fetcher). A scan of every chunk, rare, rather than a set per watched node kept up
+        to date by every Have of an orphan."""
         watched_by = self._watched_by
         for index in [index for index, watched in enumerate(watched_by) if watched == name]:
             watched_by[index] = None
@@ -1135,6 +1170,8 @@ class BlobSwarm:
         stall = self._stall_limit()
         self_key = self._self_key
         me = self.node_id
+        self_fetcher = self._self_fetcher
+        fetchers = self._fetcher_peers.values()
         members = self._members.values()
         alive_until: dict[str, float] = {}
         for index in indexes:
@@ -1142,16 +1179,21 @@ class BlobSwarm:
             if since is None:
                 since = orphan_since[index] = now
             key = self._chunk_key(index)
-            mine = xxh3_64_intdigest(self_key, key)
-            # the first member outranking us, in member order (a few members in: each
-            # outranks us with probability about 1/2, 1/3, ...)
-            for peer in members:
-                theirs = xxh3_64_intdigest(peer.key, key)
-                if theirs < mine:
-                    continue
+            mine = None
+            # the first live member outranking us: a fetcher, only the fetchers, in the
+            # order they became fetchers (a few in: each outranks us with probability about
+            # 1/2, 1/3, ...); not a fetcher, any fetcher, and only if all are gone the other
+            # members by weight (the fetchers met again there are gone: skipped below)
+            for peer in (fetchers if self_fetcher else chain(fetchers, members)):
                 name = peer.name
-                if theirs == mine and name < me:
-                    continue  # a tie of weights goes to the greater name: ours
+                if peer.fetcher is self_fetcher:
+                    if mine is None:
+                        mine = xxh3_64_intdigest(self_key, key)
+                    theirs = xxh3_64_intdigest(peer.key, key)
+                    if theirs < mine:
+                        continue
+                    if theirs == mine and name < me:
+                        continue  # a tie of weights goes to the greater name: ours
                 alive = alive_until.get(name)
                 if alive is None:
                     alive = alive_until[name] = self._alive_until(peer, stall)
@@ -1190,20 +1232,104 @@ class BlobSwarm:
         self._orphan_deadline[index] = until
         heapq.heappush(self._deadlines, (until, index))
 
-    def _member_joined(self, peer: _Peer) -> None:
-        """A new interested node: chunks queued for the origin that it outranks us for are
-        its to fetch now."""
+    def _outranks(self, peer: _Peer, key: int) -> bool:
+        """Whether ``peer`` ranks above us for the chunk of ``key``: a fetcher above a
+        non-fetcher, else the higher weight (a tie: the greater name)."""
+        if peer.fetcher is not self._self_fetcher:
+            return peer.fetcher
+        mine = xxh3_64_intdigest(self._self_key, key)
+        theirs = xxh3_64_intdigest(peer.key, key)
+        return theirs > mine or (theirs == mine and peer.name > self.node_id)
+
+    def _outranked_by(self, peer: _Peer) -> None:
+        """A new member, or a new fetcher: the chunks queued for the origin that it
+        outranks us for are its to fetch now."""
         queued = self._queued & ~self._forced
-        if not queued:
+        if not queued or (self._self_fetcher and not peer.fetcher):
             return
-        me = self.node_id
+        until = self._now + self.config.origin_wait_limit
         for index in set_bits(queued):
-            key = self._chunk_key(index)
-            mine = xxh3_64_intdigest(self._self_key, key)
-            theirs = xxh3_64_intdigest(peer.key, key)
-            if theirs > mine or (theirs == mine and peer.name > me):
+            if self._outranks(peer, self._chunk_key(index)):
                 self._queued &= ~(1 << index)
-                self._watch(index, peer.name, self._now + self.config.origin_wait_limit)
+                self._watch(index, peer.name, until)
+
+    def _place_fetcher(self, peer: _Peer) -> None:
+        """A new member: one of the origin fetchers if they are fewer than origin_fetchers
+        (0: all) or it ranks above the lowest, which then stops being one."""
+        peer.rank = rank = (xxh3_64_intdigest(peer.key, self._fetch_key), peer.name)
+        floor = self._fetch_floor
+        if floor is not None and rank < floor:
+            return  # in a large swarm, most members
+        peer.fetcher = True
+        fetchers = self._fetcher_peers
+        fetchers[peer.name] = peer
+        limit = self.config.origin_fetchers
+        if floor is not None:
+            if floor == self._self_rank:
+                self._self_fetcher = False
+                demoted = None
+            else:
+                demoted = fetchers.pop(floor[1])
+                demoted.fetcher = False
+            self._fetch_floor = self._lowest_fetcher_rank()
+            self._demoted(demoted)
+        elif limit and len(fetchers) + 1 == limit:
+            self._fetch_floor = self._lowest_fetcher_rank()
+
+    def _replace_fetcher(self, gone: _Peer) -> _Peer | None | bool:
+        """Fetcher ``gone`` left: the member ranking highest outside the fetchers (or we)
+        takes its place. Returns that member, None for us, or False if every member was a
+        fetcher already."""
+        fetchers = self._fetcher_peers
+        del fetchers[gone.name]
+        gone.fetcher = False
+        if self._fetch_floor is None:
+            return False
+        best: _Peer | None = None
+        best_rank = None if self._self_fetcher else self._self_rank
+        for peer in self._members.values():
+            if not peer.fetcher and (best_rank is None or peer.rank > best_rank):
+                best, best_rank = peer, peer.rank
+        if best_rank is None:
+            self._fetch_floor = None
+            return False
+        if best is None:
+            self._self_fetcher = True
+        else:
+            best.fetcher = True
+            fetchers[best.name] = best
+        self._fetch_floor = self._lowest_fetcher_rank()
+        return best
+
+    def _lowest_fetcher_rank(self) -> tuple[int, str]:
+        ranks = [peer.rank for peer in self._fetcher_peers.values()]
+        if self._self_fetcher:
+            ranks.append(self._self_rank)
+        return min(ranks)
+
+    def _demoted(self, peer: _Peer | None) -> None:
+        """``peer`` (None: we) stopped being an origin fetcher."""
+        if not self._started:
+            return  # the first Tick decides every orphan
+        if peer is None:
+            self._decide_all_again()
+        else:
+            self._decide_again(peer.name)
+
+    def _promoted(self, peer: _Peer | None) -> None:
+        """``peer`` (None: we) became an origin fetcher in place of one that left."""
+        if not self._started:
+            return
+        if peer is None:
+            self._decide_all_again()
+        elif self._queued:
+            self._outranked_by(peer)
+
+    def _decide_all_again(self) -> None:
+        """We became or stopped being a fetcher: every orphan waited for or queued (but
+        not forced to the origin) is decided again."""
+        self._queued &= self._forced
+        self._check_orphans(set_bits(self._rarity.orphans & ~self._queued))
 
     def _queue_origin(self, index: int) -> None:
         bit = 1 << index
