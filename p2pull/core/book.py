@@ -72,6 +72,8 @@ class RequestBook:
         self._expiry: list[tuple[float, int, Request]] = []
         self._seq = 0
         self._records: dict[str, PeerRecord] = {}
+        #: requests outstanding, with all peers
+        self.open = 0
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -103,6 +105,7 @@ class RequestBook:
         expires_at = now + self._timeout_of(record, nbytes)
         request = Request(peer, index, now, expires_at)
         requests[index] = request
+        self.open += 1
         peers = self._by_index.get(index)
         if peers is None:
             self._by_index[index] = {peer: request}
@@ -124,6 +127,7 @@ class RequestBook:
         del peers[peer]
         if not peers:
             del self._by_index[index]
+        self.open -= 1
         return request
 
     def complete(self, peer: str, index: int, nbytes: int, now: float) -> Request | None:
@@ -243,7 +247,7 @@ class RequestBook:
         return len(peers) if peers else 0
 
     def __len__(self) -> int:
-        return sum(len(requests) for requests in self._by_peer.values())
+        return self.open
 
     # -- peers ------------------------------------------------------------------------------
 
