@@ -11,11 +11,13 @@ What is modelled, as the daemon does it (``p2pull/net/node.py``, ``p2pull/net/fe
   requester backs off). The piece
   arrives rtt/2 after its last byte left. A cancel removes a request still queued.
 - Origin fetches (``FetchFromOrigin``) join the node's origin queue, shared by its blobs, in
-  the order the swarms decided them; ``origin.connections`` connections each take the next
-  chunk not held meanwhile and stream it from the origin link, one chunk after another, as
-  the daemon's pool streams a ranged request chunk by chunk. Each chunk pays the origin's
-  round trip (the daemon pays it per range of up to 32 MiB); the pool's concurrency is
-  fixed (the daemon's grows from 4 while throughput does).
+  the order the swarms decided them; the node's connections each take the next chunk not
+  held meanwhile and stream it from the origin link, one chunk after another, as the
+  daemon's pool streams a ranged request chunk by chunk. Each chunk pays the origin's
+  round trip (the daemon pays it per range of up to 32 MiB). The node keeps, as the
+  daemon's pool does, to its part of the origin work left of ``origin.connections`` (the
+  daemon's ``origin_max_connections``), at least one, decided at each tick; the daemon's
+  pool also starts at 4 and grows while throughput does, which is not modelled.
 - A node starting a get tells its linked peers (interest and bitmap, rtt/2 away); they answer
   with theirs. Its first ``Tick`` (the first origin decision) comes when every linked peer
   answered, or after ``bitmap_wait``; then every ``tick`` seconds, as the daemon's ticker.
@@ -210,6 +212,9 @@ class ChunkEngine:
         self.slot_waiters: list[deque] = [deque() for _ in range(n)]
         self.origin_queue: list[deque] = [deque() for _ in range(n)]
         self.origin_active = [0] * n
+        #: connections each node streams origin chunks over now: its share of
+        #: origin.connections, set at each of its ticks
+        self.origin_limit = [1] * n
         self.conns: dict[int, _Connection] = {}
         self.node_flows: list[set[int]] = [set() for _ in range(n)]
         self.arrival = [0.0] * n
@@ -428,7 +433,7 @@ class ChunkEngine:
                 hop(now, _CANCEL, self.ids[action.peer], node, (blob, action.index))
             elif kind is FetchFromOrigin:
                 self.origin_queue[node].append((blob, action.index))
-                if self.origin_active[node] < self.scenario.origin_connections:
+                if self.origin_active[node] < self.origin_limit[node]:
                     self._pump_origin(node, now)
             elif kind is Completed:
                 self._stop_haves_to(node, blob)
@@ -550,11 +555,22 @@ class ChunkEngine:
 
     def _tick_node(self, node: int, now: float) -> None:
         tick = Tick()
+        mine = remaining = 0
         for b, swarm in enumerate(self.swarms[node]):
             if not swarm.complete:
                 acts = swarm.handle(tick, now)
                 if acts:
                     self._apply(node, b, acts, now)
+                ours, left = swarm.origin_work()
+                mine += ours
+                remaining += left
+        # the daemon's origin pool after each tick (``_OriginPool.share_work``): the node's
+        # part of the origin work left, of origin.connections, at least one
+        cap = self.scenario.origin_connections
+        limit = self.origin_limit[node] = \
+            max(1, round(cap * mine / remaining)) if remaining else cap
+        if self.origin_queue[node] and self.origin_active[node] < limit:
+            self._pump_origin(node, now)
 
     def _stop_haves_to(self, node: int, blob: int) -> None:
         """``node`` holds all of ``blob`` now: its neighbours' Haves of it need not reach it
@@ -662,7 +678,7 @@ class ChunkEngine:
         """Free origin connections take the next queued chunks still missing."""
         queue = self.origin_queue[node]
         swarms = self.swarms[node]
-        limit = self.scenario.origin_connections
+        limit = self.origin_limit[node]
         while queue and self.origin_active[node] < limit:
             blob, index = queue.popleft()
             swarm = swarms[blob]

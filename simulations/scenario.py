@@ -118,8 +118,8 @@ class Scenario:
     same_rack_neighbours: float | None
     origin_up: float
     origin_rtt: float
-    #: connections each node streams origin chunks over, one chunk after another on each
-    #: (the daemon's origin pool starts at 4 and grows while throughput does)
+    #: the daemon's origin_max_connections: a node streams origin chunks over its part of
+    #: the origin work left of these, at least one, one chunk after another on each
     origin_connections: int
     arrivals: str
     #: staggered: seconds between two nodes' starts; churn: mean of the exponential gaps
@@ -290,7 +290,7 @@ def from_dict(data: dict[str, Any], name: str = "scenario") -> Scenario:
                               else float(racks["same_rack_neighbours"])),
         origin_up=parse_rate(origin.get("up", default_rate)),
         origin_rtt=parse_time(origin.get("rtt", nodes.get("rtt", "0.5ms"))),
-        origin_connections=int(origin.get("connections", 4)),
+        origin_connections=int(origin.get("connections", 16)),
         arrivals=mode,
         arrival_interval=parse_time(arrivals.get("interval", 0)),
         linger=math.inf if linger in ("inf", math.inf) else parse_time(linger),

@@ -204,8 +204,8 @@ def test_chunk_engine_regression_for_a_seed(tiny_result):
 #: recorded with p2pull.core at 457180b, then again when the pipeline depth went from 4
 #: to 3 (session 8: every node 4-5 % sooner), and when it became 2 per peer once two peers
 #: hold chunks (session 9: 1-7 % sooner)
-REGRESSION_TINY_SECONDS = [2.01496, 1.996483, 1.929784, 1.981711, 1.996483, 1.845898]
-REGRESSION_TINY_TRANSFERS = 398
+REGRESSION_TINY_SECONDS = [1.906334, 1.853063, 1.875491, 1.860757, 1.910684, 1.681668]
+REGRESSION_TINY_TRANSFERS = 395
 
 
 def test_chunk_engine_is_reproducible(tiny_result):
@@ -316,3 +316,32 @@ def test_cli_sweep_writes_a_curve(tmp_path):
 def test_cli_rejects_a_bad_scenario(capsys):
     assert cli.main(["run", "no-such-scenario"]) == 2
     assert "no scenario" in capsys.readouterr().err
+
+
+def test_each_node_streams_its_share_of_the_origin_connections(monkeypatch):
+    """As the daemon's origin pool: a node keeps to its part of the origin work left of
+    origin.connections (16), at least one, so that the 6 nodes start on about 16 in all
+    (2 to 4 each: rendezvous shares of 64 chunks are uneven), and a node whose part grows
+    takes more; with 4 connections each starts on one."""
+    def busiest(overrides):
+        start: dict[int, int] = {}
+        most: dict[int, int] = {}
+        run_origin = chunk_engine.ChunkEngine._on_origin
+
+        def on_origin(engine, node, blob, index, now):
+            active = engine.origin_active[node]
+            if now < 0.01:
+                start[node] = max(start.get(node, 0), active)
+            most[node] = max(most.get(node, 0), active)
+            run_origin(engine, node, blob, index, now)
+
+        monkeypatch.setattr(chunk_engine.ChunkEngine, "_on_origin", on_origin)
+        chunk_engine.run(from_dict(apply_overrides(read("tiny"), overrides)))
+        return start, most
+
+    start, most = busiest([])
+    assert len(start) == 6 and 14 <= sum(start.values()) <= 18
+    assert max(start.values()) > min(start.values()) >= 2
+    assert any(most[node] > start[node] for node in start)
+    start, _ = busiest(["origin.connections=4"])
+    assert set(start.values()) == {1}
