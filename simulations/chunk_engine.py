@@ -7,9 +7,10 @@ What is modelled, as the daemon does it (``p2pull/net/node.py``, ``p2pull/net/fe
   sends one chunk at a time; each chunk takes one of the sender's ``upload_slots``
   (``UploadSlots``, the real class), acquired when it starts and released when it ends; a
   request that finds no slot waits at the sender until one frees (``nodes.when_busy =
-  "queue"``, the daemon's default), or with ``"answer"`` is answered ``busy`` (the
-  requester backs off). The piece
-  arrives rtt/2 after its last byte left. A cancel removes a request still queued.
+  "queue"``, the daemon's default), and the requester's swarms hear so (``UploadLine``, the
+  daemon's Line notice, rtt/2 later; and again when the slot is theirs), or with
+  ``"answer"`` is answered ``busy`` (the requester backs off). The piece arrives rtt/2
+  after its last byte left. A cancel removes a request still queued.
 - Origin fetches (``FetchFromOrigin``) join the node's origin queue, shared by its blobs, in
   the order the swarms decided them; the node's connections each take the next chunk not
   held meanwhile and stream it from the origin link, one chunk after another, as the
@@ -53,7 +54,7 @@ from p2pull.core.ratelimit import UploadSlots
 from p2pull.core.swarm import (AnnounceHave, BlobSwarm, Completed, FetchFromOrigin, PeerAlive,
                                PeerHave,
                                PeerJoined, PeerLeft, OriginDropped, PieceFailed,
-                               PieceVerified, SendCancel, SendRequest, Tick)
+                               PieceVerified, SendCancel, SendRequest, Tick, UploadLine)
 from simulations.bound import bound_of
 from simulations.network import FlowNetwork
 from simulations.scenario import Scenario
@@ -658,6 +659,7 @@ class ChunkEngine:
                     queue.appendleft((blob, index))
                     conn.waiting = True
                     self.slot_waiters[sender].append(requester)
+                    self._tell_line(sender, requester, True, now)
                     return
                 self.busy += 1
                 self._hop(now, _DELIVER, requester, blob, PieceFailed(name, index, "busy"))
@@ -748,9 +750,21 @@ class ChunkEngine:
             if conn.queue:
                 conn.waiting = True
                 self.slot_waiters[sender].append(requester)
+                self._tell_line(sender, requester, True, now)
             self._grant_slots(sender, now)
         elif conn.queue:
             self._serve(sender, requester, conn, now)
+
+    def _tell_line(self, sender: int, requester: int, waiting: bool, now: float) -> None:
+        """The daemon's line notice: the requester's swarms learn, a hop later, that their
+        requests wait for one of the sender's upload slots (or no longer do)."""
+        event = UploadLine(self.names[sender], waiting)
+        swarms = self.swarms[requester]
+        if swarms is None:
+            return
+        for blob, swarm in enumerate(swarms):
+            if not swarm.complete:
+                self._hop(now, _DELIVER, requester, blob, event)
 
     def _grant_slots(self, sender: int, now: float) -> None:
         """Free upload slots go to the connections waiting for one, first come first."""
@@ -761,6 +775,7 @@ class ChunkEngine:
             requester = waiters.popleft()
             conn = self.conns[sender * n + requester]
             conn.waiting = False
+            self._tell_line(sender, requester, False, now)
             if conn.flow < 0 and conn.queue:
                 self._serve(sender, requester, conn, now)
 

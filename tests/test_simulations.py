@@ -345,3 +345,22 @@ def test_each_node_streams_its_share_of_the_origin_connections(monkeypatch):
     assert any(most[node] > start[node] for node in start)
     start, _ = busiest(["origin.connections=4"])
     assert set(start.values()) == {1}
+
+
+def test_line_notices_let_waiting_requests_go_to_free_holders(monkeypatch):
+    """24 nodes with 2 upload slots each: requests wait in senders' lines. Told so (the
+    daemon's Line notice), a swarm asks a free holder instead, and every node finishes
+    sooner than when the notices are lost; each chunk moves at most once, so requests
+    stay under two per transfer."""
+    def run():
+        result = chunk_engine.run(from_dict(apply_overrides(
+            read("tiny"), ["nodes.count=24", "nodes.upload_slots=2"])))
+        return sorted(node["seconds"] for node in result["nodes"]), result["stats"]
+
+    told, stats = run()
+    assert stats["requests"] < 2 * stats["transfers"]
+    monkeypatch.setattr(chunk_engine.ChunkEngine, "_tell_line", lambda *args: None)
+    untold, silent_stats = run()
+    assert silent_stats["requests"] < stats["requests"]  # nothing moved
+    assert told[len(told) // 2] < 0.9 * untold[len(untold) // 2]
+    assert told[-1] < untold[-1]

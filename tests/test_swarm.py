@@ -18,7 +18,7 @@ from p2pull.core.responsibility import fetcher_weight, fetchers, ranking, respon
 from p2pull.core.swarm import (
     AnnounceHave, BanPeer, BlobCorrupt, BlobSwarm, Completed, FetchFromOrigin, OriginFailed,
     OriginDropped, PeerAlive, PeerHave, PeerJoined, PeerLeft, PieceFailed, PieceVerified,
-    SendCancel, SendRequest, SwarmConfig, Tick, Urgent,
+    SendCancel, SendRequest, SwarmConfig, Tick, UploadLine, Urgent,
 )
 from p2pull.errors import ProtocolError
 
@@ -74,6 +74,44 @@ def test_requests_only_missing_chunks_and_respects_the_pipeline():
     actions = s.handle(PeerJoined("seed2", full(10)), 0.0)
     assert sorted(requests(actions)) == [("seed2", i) for i in (6, 7, 8, 9)]
     assert s.in_endgame
+
+
+def test_requests_waiting_in_a_line_go_to_a_free_holder():
+    """A peer that says our requests wait for its upload slots is asked for nothing more;
+    a free peer announcing a chunk asked of it there is asked instead (and the waiting
+    request cancelled); when the line ends, the peer is asked again."""
+    s = swarm(10, pipeline_depth=2)
+    asked = [index for _, index in requests(s.handle(PeerJoined("busy", full(10)), 0.0))]
+    assert len(asked) == 2
+    assert s.handle(UploadLine("busy", True), 0.1) == []
+    # a free peer with nothing else we want: one waiting chunk moves to it
+    actions = s.handle(PeerJoined("free", bits(10, [asked[1]])), 0.2)
+    assert of(actions, SendCancel) == [SendCancel("busy", asked[1])]
+    assert requests(actions) == [("free", asked[1])]
+    assert s.book.peers_for(asked[1]) == ["free"]
+    # a Have of a chunk nobody was asked for goes to the free peer as usual, not "busy"
+    spare = next(i for i in range(10) if i not in asked)
+    assert requests(s.handle(PeerHave("free", spare), 0.3)) == [("free", spare)]
+    # "busy" has a slot for us again: it is free, and filled
+    actions = s.handle(UploadLine("busy", False), 0.4)
+    assert [peer for peer, _ in requests(actions)] == ["busy"]
+    assert s.book.outstanding("busy") == 2
+
+
+def test_a_chunk_under_way_somewhere_is_not_moved_out_of_a_line():
+    s = swarm(10, pipeline_depth=1, endgame_duplicates=3)
+    (_, index), = requests(s.handle(PeerJoined("busy", full(10)), 0.0))
+    for other in range(10):
+        if other != index:
+            s.handle(PieceVerified(None, other, s.plan.length(other)), 0.1)
+    s.handle(PeerJoined("dup", bits(10, [index])), 0.2)  # an endgame duplicate
+    assert s.book.peers_for(index) == ["busy", "dup"]
+    s.handle(UploadLine("busy", True), 0.3)
+    # one request is under way at "dup": moving the waiting one gains nothing, and the
+    # third source goes to the free peer as an endgame duplicate
+    actions = s.handle(PeerJoined("third", bits(10, [index])), 0.4)
+    assert not of(actions, SendCancel)
+    assert s.book.peers_for(index) == ["busy", "dup", "third"]
 
 
 def test_pipelines_narrow_once_a_second_peer_holds_chunks():

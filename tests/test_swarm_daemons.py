@@ -315,8 +315,8 @@ def test_a_daemon_out_of_upload_slots_answers_busy_or_queues(origin, cluster, tm
                                                               when_busy):
     """One upload slot, taken by a peer that asked for a whole layer and does not read yet
     (the daemon's sends to it block): a second peer's requests are answered busy at once,
-    or, queueing, wait for the slot and are all served, with the right bytes, once the
-    first peer reads."""
+    or, queueing, wait for the slot (the daemon says so: a Line notice) and are all
+    served, with the right bytes, once the first peer reads."""
     (server,) = cluster.add(peers=[], env={"P2PULL_UPLOAD_SLOTS": "1",
                                            "P2PULL_UPLOAD_WHEN_BUSY": when_busy})
     server.start()
@@ -338,6 +338,7 @@ def test_a_daemon_out_of_upload_slots_answers_busy_or_queues(origin, cluster, tm
             assert second.answers(4, timeout=10) == [("reject", i, "busy") for i in range(4)]
         else:
             assert second.answers(1, timeout=1.5) == []  # in line, not refused
+            assert second.lines == [True]
         # both read at once: the slot goes round, and a peer that did not read would hold it
         readers = [("first", first, wanted)]
         if when_busy == "queue":
@@ -350,6 +351,10 @@ def test_a_daemon_out_of_upload_slots_answers_busy_or_queues(origin, cluster, tm
         for thread in threads:
             thread.join(timeout=40)
     assert set(got) == {name for name, _, _ in readers}
+    if when_busy == "queue":  # it waited, and was told when it waited no more
+        assert second.lines[0] is True and second.lines[-1] is False
+    else:
+        assert not second.lines
     for name, answers in got.items():
         assert [kind for kind, _, _ in answers] == ["piece"] * len(answers), \
             (name, [a for a in answers if a[0] != "piece"][:3])

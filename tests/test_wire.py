@@ -21,6 +21,7 @@ from p2pull.wire import (
     MAX_PAYLOAD,
     NEED_DATA,
     Auth,
+    Line,
     Bitmap,
     Cancel,
     ConnectionClosed,
@@ -126,6 +127,7 @@ SESSION_MESSAGES = {
     "reject": st.builds(Reject, digests, indexes,
                         st.sampled_from(["busy", "missing", "unknown-blob"])),
     "cancel": st.builds(Cancel, digests, indexes),
+    "line": st.builds(Line, st.booleans()),
     "ping": st.builds(Ping, nonces),
     "pong": st.builds(Pong, nonces),
     "goodbye": st.builds(Goodbye, st.text(max_size=200)),
@@ -576,6 +578,8 @@ def test_unknown_header_keys_are_ignored():
     lambda: Bitmap(BLOB, b"\x00", 9),
     lambda: Goodbye("\ud800"),
     lambda: Ping(-1),
+    lambda: Line(1),
+    lambda: Line("yes"),
 ])
 def test_invalid_messages_cannot_be_built(make):
     with pytest.raises(LocalProtocolError):
@@ -638,8 +642,8 @@ def valid_stream_from_b() -> bytes:
     pair = ConnectionPair()
     pair.handshake()
     pair.send("b", Interest(BLOB, 5000, 1024), Bitmap(BLOB, b"\xf0", 5), Have(BLOB, 4),
-              Request(BLOB, 0), Reject(BLOB, 1, "missing"), Cancel(BLOB, 0), Ping(9),
-              Pong(9))
+              Request(BLOB, 0), Reject(BLOB, 1, "missing"), Cancel(BLOB, 0), Line(True),
+              Line(False), Ping(9), Pong(9))
     pair.send_piece("b", BLOB, 4, CHECKSUM, b"q" * 2000)
     pair.send("b", Goodbye("done"))
     pair.deliver()
@@ -669,7 +673,8 @@ def run_fresh_connection(chunks: list[bytes]) -> list:
 def test_the_valid_stream_is_valid():
     events = run_fresh_connection([VALID_STREAM])
     assert [type(e) for e in events] == [PeerVerified, Interest, Bitmap, Have, Request, Reject,
-                                         Cancel, Ping, Pong, Piece, Goodbye, ConnectionClosed]
+                                         Cancel, Line, Line, Ping, Pong, Piece, Goodbye,
+                                         ConnectionClosed]
 
 
 def cut(data: bytes, cuts: list[int]) -> list[bytes]:

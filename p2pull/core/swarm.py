@@ -237,6 +237,17 @@ class OriginDropped:
 
 
 @dataclass(frozen=True, slots=True)
+class UploadLine:
+    """``peer`` has every upload slot taken and our requests wait in its line
+    (``waiting``), or it has given us a slot again (not ``waiting``). While we wait, the
+    peer is asked for nothing more, and a chunk we asked it for is asked of a free holder
+    instead (and cancelled there) when one announces it."""
+
+    peer: str
+    waiting: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     pass
 
@@ -257,7 +268,7 @@ class BlobCorrupt:
 
 
 Event = PeerJoined | PeerLeft | PeerAlive | PeerHave | PieceVerified | PieceFailed | \
-    OriginFailed | Tick | Urgent | BlobCorrupt
+    OriginFailed | UploadLine | Tick | Urgent | BlobCorrupt
 
 
 # -- actions --------------------------------------------------------------------------------
@@ -306,7 +317,8 @@ class _Peer:
     """A live, unbanned peer of this blob."""
 
     __slots__ = ("name", "key", "bits", "requested", "heard", "progressed", "member",
-                 "backoff_until", "freed_at", "free", "holding", "rank", "fetcher")
+                 "backoff_until", "freed_at", "free", "holding", "rank", "fetcher",
+                 "in_line")
 
     def __init__(self, name: str, now: float):
         self.name = name
@@ -326,6 +338,8 @@ class _Peer:
         self.rank: tuple[int, str] | None = None
         #: a member that is one of the origin fetchers
         self.fetcher = False
+        #: our requests wait in its line for an upload slot (``UploadLine``)
+        self.in_line = False
         #: no new requests before this time (busy, error, timeout)
         self.backoff_until: float | None = None
         #: when it last entered the swarm's free peers (a counter): their order, so that
@@ -357,7 +371,7 @@ class BlobSwarm:
         "_handlers", "_seq", "_backoffs", "_deadlines", "_retries", "_origin", "_origin_queue",
         "_origin_asked", "_first_origin_fetch", "_origin_chunk_seconds", "_members",
         "_self_key", "_chunk_keys", "_helping", "_started", "_fetcher_peers",
-        "_self_fetcher", "_self_rank", "_fetch_key", "_fetch_floor",
+        "_self_fetcher", "_self_rank", "_fetch_key", "_fetch_floor", "_in_line", "_moved",
         "_completed_sent", "_liveness", "_all", "blob", "node_id")
 
     def __init__(self, blob: str, plan: ChunkPlan, node_id: str, held: Bitmap,
@@ -404,6 +418,11 @@ class BlobSwarm:
         #: as many as origin_fetchers, the lowest rank among them (a member ranking below
         #: it joins as a non-fetcher at the cost of one comparison)
         self._fetcher_peers: dict[str, _Peer] = {}
+        #: the peers whose line our requests wait in, and the chunks moved out of a line
+        #: once already (not again: with every sender's slots taken, each request would
+        #: move from line to line, a dozen requests and cancels per chunk)
+        self._in_line: dict[str, _Peer] = {}
+        self._moved = 0
         self._self_fetcher = True
         self._fetch_key = fetcher_key(blob)
         self._self_rank = (xxh3_64_intdigest(self._self_key, self._fetch_key), node_id)
@@ -443,6 +462,7 @@ class BlobSwarm:
             PieceFailed: self._on_failed, OriginFailed: self._on_origin_failed,
             OriginDropped: self._on_origin_failed,
             Tick: self._on_tick, Urgent: self._on_urgent, BlobCorrupt: self._on_corrupt,
+            UploadLine: self._on_line,
         }
 
     # -- the entry point --------------------------------------------------------------------
@@ -863,6 +883,22 @@ class BlobSwarm:
                 progressed = known_progressed
         return min(heard + self.config.origin_wait_limit, progressed + stall)
 
+    def _on_line(self, event: UploadLine) -> None:
+        peer = self._peers.get(event.peer)
+        if peer is None or peer.in_line == event.waiting:
+            return
+        peer.in_line = event.waiting
+        if event.waiting:
+            self._in_line[peer.name] = peer
+            if peer.free:
+                peer.free = False
+                self._free_holding.pop(peer.name, None)
+        else:
+            del self._in_line[peer.name]
+            if peer.backoff_until is None and self._book.has_capacity(peer.name):
+                self._set_free(peer)
+                self._fill(peer)
+
     def _on_urgent(self, event: Urgent) -> None:
         mask = 0
         for index in event.indexes:
@@ -925,6 +961,8 @@ class BlobSwarm:
         count, and orphans waiting on it are decided again."""
         name = peer.name
         self._free_holding.pop(name, None)
+        self._in_line.pop(name, None)
+        peer.in_line = False
         if peer.holding:
             self._holders -= 1  # a peer that comes back is not a second one
         peer.free = peer.holding = False
@@ -989,7 +1027,7 @@ class BlobSwarm:
                 self._free_holding.pop(name, None)
 
     def _set_free(self, peer: _Peer) -> None:
-        if not peer.free:
+        if not peer.free and not peer.in_line:
             name = peer.name
             peer.free = True
             self._freed += 1
@@ -1015,6 +1053,8 @@ class BlobSwarm:
             candidates = peer.bits & rarity.pickable
             if candidates:
                 index = pick(candidates, rarity, self._urgent, self._rng)
+            elif self._in_line and self._move_from_line(peer):
+                continue
             elif self._missing and not rarity.wanted:  # endgame
                 candidates = peer.bits & self._sourced & ~self._saturated & \
                     ~peer.requested & ~self._forced
@@ -1024,6 +1064,31 @@ class BlobSwarm:
             else:
                 return
             self._request(peer, index)
+
+    def _move_from_line(self, peer: _Peer) -> bool:
+        """Free ``peer`` has nothing we want that is not asked for: if it holds a chunk
+        whose requests all wait in lines, ask it instead and cancel those. True if so."""
+        waiting = 0
+        for lined in self._in_line.values():
+            waiting |= lined.requested
+        candidates = peer.bits & waiting & ~peer.requested & ~self._forced & ~self._moved
+        if not candidates:
+            return False
+        index = (candidates & -candidates).bit_length() - 1
+        for name in self._book.peers_for(index):
+            lined = self._peers.get(name)
+            if lined is not None and not lined.in_line:
+                return False  # one is under way (an endgame duplicate): leave it
+        for name in self._book.peers_for(index):
+            self._book.cancel(name, index)
+            self._acts.append(SendCancel(name, index))
+            lined = self._peers.get(name)
+            if lined is not None:
+                lined.requested &= ~(1 << index)
+            self._drop_source(index)
+        self._moved |= 1 << index
+        self._request(peer, index)
+        return True
 
     def _request(self, peer: _Peer, index: int) -> None:
         name = peer.name
@@ -1108,6 +1173,7 @@ class BlobSwarm:
         self._forced &= ~bit
         self._urgent &= ~bit
         self._queued &= ~bit
+        self._moved &= ~bit
         acts = self._acts
         acts.append(AnnounceHave(index))
         cancelled = []

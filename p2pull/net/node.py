@@ -30,7 +30,7 @@ from p2pull.core.chunks import ChunkPlan
 from p2pull.core.ratelimit import TokenBucket, UploadSlots
 from p2pull.core.refs import Ref
 from p2pull.core.swarm import (PeerAlive, PeerHave, PeerJoined, PeerLeft, PieceFailed,
-                               SwarmConfig, Tick)
+                               SwarmConfig, Tick, UploadLine)
 from p2pull.discovery import PeerGone, run_discovery
 from p2pull.errors import ProtocolError, UsageError
 from p2pull.net.fetch import (INLINE_IO_MAX, MAX_ORIGIN_CHUNKS, PEER_WRITES_IN_FLIGHT,
@@ -39,8 +39,8 @@ from p2pull.origin.client import OriginClient
 from p2pull.origin.manifest import Descriptor
 from p2pull.store.cas import Store, chunk_checksum
 from p2pull.wire import (NEED_DATA, Bitmap as BitmapMessage, Cancel, ConnectionClosed, Goodbye,
-                         Have, Interest, PeerConnection, PeerVerified, Piece, Ping, Pong, Preload,
-                         Reject, Request, StatusQuery, StatusReply)
+                         Have, Interest, Line, PeerConnection, PeerVerified, Piece, Ping, Pong,
+                         Preload, Reject, Request, StatusQuery, StatusReply)
 from p2pull.wire.messages import MAX_REPORT
 
 log = logging.getLogger("p2pull.node")
@@ -602,6 +602,11 @@ class Node:
             bitmap = self._bitmap_of(event.blob)
             if bitmap is not None:
                 link.send(BitmapMessage(event.blob, bitmap.to_bytes(), bitmap.size))
+        elif isinstance(event, Line):
+            for blob in link.joined:
+                session = self.sessions.get(blob)
+                if session is not None:
+                    session.apply(UploadLine(peer, event.waiting))
         elif isinstance(event, Reject):
             session = self.sessions.get(event.blob)
             if session is not None:
@@ -720,11 +725,16 @@ class Node:
         peer = link.peer_id
         if self.queue_when_busy and slots.waiting and slots.holds(peer):
             self._release_upload_slot(peer)
-        while not slots.try_acquire(peer, queue=self.queue_when_busy):
-            if not self.queue_when_busy:
-                return False
+        if slots.try_acquire(peer, queue=self.queue_when_busy):
+            return True
+        if not self.queue_when_busy:
+            return False
+        # the peer asks a free holder for what waits here meanwhile (swarm.UploadLine)
+        link.send(Line(True))
+        while not slots.try_acquire(peer, queue=True):
             await link.slot_granted.wait()
             link.slot_granted = trio.Event()
+        link.send(Line(False))
         return True
 
     def _release_upload_slot(self, peer: str) -> None:

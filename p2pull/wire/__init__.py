@@ -32,6 +32,7 @@ from p2pull.wire.messages import (
     Have,
     Hello,
     Interest,
+    Line,
     Message,
     PeerVerified,
     Piece,
@@ -47,7 +48,7 @@ from p2pull.wire.messages import (
 __all__ = [
     "PeerConnection", "State", "TRANSITIONS", "NEED_DATA", "proof",
     "Message", "Hello", "Auth", "Interest", "Bitmap", "Have", "Request", "Piece", "Reject",
-    "Cancel", "Ping", "Pong", "Goodbye", "Preload", "StatusQuery", "StatusReply",
+    "Cancel", "Line", "Ping", "Pong", "Goodbye", "Preload", "StatusQuery", "StatusReply",
     "MESSAGE_TYPES",
     "Event", "PeerVerified", "ConnectionClosed",
     "FrameDecoder", "encode", "encode_piece", "decode_header",

@@ -50,6 +50,7 @@ from p2pull.wire.messages import (
     Have,
     Hello,
     Interest,
+    Line,
     Message,
     PeerVerified,
     Piece,
@@ -80,8 +81,8 @@ US, THEM = "us", "them"
 IDLE, HELLO, AUTH, OPEN, CLOSED, ERROR = State
 
 #: the messages of an established connection
-_SESSION = dict.fromkeys((Interest, Bitmap, Have, Request, Piece, Reject, Cancel, Ping, Pong,
-                          Preload, StatusQuery, StatusReply), OPEN)
+_SESSION = dict.fromkeys((Interest, Bitmap, Have, Request, Piece, Reject, Cancel, Line, Ping,
+                          Pong, Preload, StatusQuery, StatusReply), OPEN)
 
 #: The whole protocol: [role][its state][message it sends, or event] -> its next state.
 #: A missing entry is a protocol error (Local for US, Remote for THEM).

@@ -265,6 +265,21 @@ class Cancel(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Line(Message):
+    """Every upload slot of the sender is taken: the receiver's requests wait in line for
+    one (``waiting``), or they no longer do, a slot is the receiver's (not ``waiting``).
+    A receiver asks a waiting sender for nothing more, and asks a free holder for the
+    chunks waiting there (cancelling them here)."""
+
+    TYPE: ClassVar[str] = "line"
+    waiting: bool
+
+    def __post_init__(self):
+        if type(self.waiting) is not bool:
+            raise _fail(self, "waiting", f"must be a bool, not {type(self.waiting).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
 class Ping(Message):
     """Are you there? Answer with a Pong of the same nonce."""
 
@@ -339,7 +354,8 @@ class StatusReply(Message):
 #: every message type by its wire name
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls for cls in (Hello, Auth, Interest, Bitmap, Have, Request, Piece, Reject,
-                              Cancel, Ping, Pong, Goodbye, Preload, StatusQuery, StatusReply)
+                              Cancel, Line, Ping, Pong, Goodbye, Preload, StatusQuery,
+                              StatusReply)
 }
 #: the header keys of each message type, in field order (a Piece's payload travels apart)
 HEADER_FIELDS: dict[type[Message], tuple[str, ...]] = {
@@ -369,8 +385,8 @@ class ConnectionClosed:
 
 #: what ``PeerConnection.next_event`` returns, besides NEED_DATA (Hello and Auth are taken
 #: by the handshake and show as PeerVerified)
-Event = (Interest | Bitmap | Have | Request | Piece | Reject | Cancel | Ping | Pong | Goodbye
-         | Preload | StatusQuery | StatusReply | PeerVerified | ConnectionClosed)
+Event = (Interest | Bitmap | Have | Request | Piece | Reject | Cancel | Line | Ping | Pong
+         | Goodbye | Preload | StatusQuery | StatusReply | PeerVerified | ConnectionClosed)
 
 
 def to_header(message: Message) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import xxhash
 from p2pull.core.bitmap import Bitmap
 from p2pull.core.chunks import ChunkPlan
 from p2pull.errors import ProtocolError
-from p2pull.wire import (NEED_DATA, Bitmap as BitmapMessage, ConnectionClosed, Interest,
+from p2pull.wire import (NEED_DATA, Bitmap as BitmapMessage, ConnectionClosed, Interest, Line,
                          PeerConnection, PeerVerified, Piece, Ping, Pong, Reject, Request)
 
 #: a socket read or write that waits longer than this fails the hostile peer
@@ -55,6 +55,8 @@ class HostilePeer:
         self.interests: dict[str, Interest] = {}
         self.requests: list[tuple[str, int]] = []
         self.pieces_sent = 0
+        #: the daemon's Line notices, in order (True: our requests wait for a slot)
+        self.lines: list[bool] = []
         #: blob digest -> its true bytes, for the ``pushing`` mode
         self.contents: dict[str, bytes] = {}
         self._stop = threading.Event()
@@ -149,6 +151,8 @@ class HostilePeer:
                 found.append(("piece", event.index, bytes(event.payload)))
             elif isinstance(event, Reject):
                 found.append(("reject", event.index, event.reason))
+            elif isinstance(event, Line):
+                self.lines.append(event.waiting)
             elif isinstance(event, Ping):
                 self.sock.sendall(self.conn.send(Pong(event.nonce)))
             elif isinstance(event, ConnectionClosed):
