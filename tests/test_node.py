@@ -9,7 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from p2pull.config import load_config
+from p2pull.core.swarm import UploadLine
 from p2pull.net.node import Node
+from p2pull.wire import Line
 from p2pull.store.cas import Store
 
 
@@ -106,3 +108,17 @@ def test_an_upload_rate_bursts_one_seconds_worth_unless_told_otherwise(tmp_path)
     assert capped.upload_bucket.reserve(rate, now=0.0) == pytest.approx(1.0)
     assert node_with(tmp_path, upload_rate=rate, upload_burst=2**20).upload_bucket.burst == 2**20
     assert node_with(tmp_path).upload_bucket.rate is None
+
+
+async def test_a_line_notice_reaches_the_swarms_of_the_blobs_the_peer_shares(tmp_path):
+    """A Line notice is about the connection, not one blob: every swarm the peer has
+    joined hears it, and no other."""
+    node = node_with(tmp_path)
+    heard: dict[str, list] = {blob: [] for blob in ("a", "b", "c")}
+    node.sessions = {blob: SimpleNamespace(apply=events.append)
+                     for blob, events in heard.items()}
+    link = SimpleNamespace(peer_id="peer", joined={"a", "b", "gone"})
+    assert await node._dispatch(link, Line(True))
+    assert await node._dispatch(link, Line(False))
+    expected = [UploadLine("peer", True), UploadLine("peer", False)]
+    assert heard == {"a": expected, "b": expected, "c": []}
