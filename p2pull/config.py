@@ -66,7 +66,7 @@ class Config:
     #: seconds without progress on one origin request before it is retried
     origin_timeout: float = 30.0
     #: peers served at once; a request beyond them waits until a slot frees (slots go to
-    #: waiting peers in turn) ...
+    #: waiting peers in turn, and a waiting peer is told so: a Line notice) ...
     upload_slots: int = 8
     #: ... or, with "answer", is answered busy, and the peer asks another holder after a
     #: back-off. Answered, the peers that hold slots keep them (they ask again at once) and
