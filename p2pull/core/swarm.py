@@ -371,7 +371,7 @@ class BlobSwarm:
         "_handlers", "_seq", "_backoffs", "_deadlines", "_retries", "_origin", "_origin_queue",
         "_origin_asked", "_first_origin_fetch", "_origin_chunk_seconds", "_members",
         "_self_key", "_chunk_keys", "_helping", "_started", "_fetcher_peers",
-        "_self_fetcher", "_self_rank", "_fetch_key", "_fetch_floor", "_in_line", "_moved",
+        "_self_fetcher", "_self_rank", "_fetch_key", "_fetch_floor", "_in_line", "_lined", "_moved",
         "_completed_sent", "_liveness", "_all", "blob", "node_id")
 
     def __init__(self, blob: str, plan: ChunkPlan, node_id: str, held: Bitmap,
@@ -423,6 +423,11 @@ class BlobSwarm:
         #: move from line to line, a dozen requests and cancels per chunk)
         self._in_line: dict[str, _Peer] = {}
         self._moved = 0
+        #: the chunks asked of peers when they put us in line: a superset of those waiting
+        #: in lines now (a lined peer gets no new requests; what closed since is dropped
+        #: when ``_move_from_line`` meets it), so that a free peer finds one without an OR
+        #: over every lined peer's requests
+        self._lined = 0
         self._self_fetcher = True
         self._fetch_key = fetcher_key(blob)
         self._self_rank = (xxh3_64_intdigest(self._self_key, self._fetch_key), node_id)
@@ -890,6 +895,7 @@ class BlobSwarm:
         peer.in_line = event.waiting
         if event.waiting:
             self._in_line[peer.name] = peer
+            self._lined |= peer.requested
             if peer.free:
                 peer.free = False
                 self._free_holding.pop(peer.name, None)
@@ -1053,7 +1059,7 @@ class BlobSwarm:
             candidates = peer.bits & rarity.pickable
             if candidates:
                 index = pick(candidates, rarity, self._urgent, self._rng)
-            elif self._in_line and self._move_from_line(peer):
+            elif self._lined and self._move_from_line(peer):
                 continue
             elif self._missing and not rarity.wanted:  # endgame
                 candidates = peer.bits & self._sourced & ~self._saturated & \
@@ -1068,25 +1074,27 @@ class BlobSwarm:
     def _move_from_line(self, peer: _Peer) -> bool:
         """Free ``peer`` has nothing we want that is not asked for: if it holds a chunk
         whose requests all wait in lines, ask it instead and cancel those. True if so."""
-        waiting = 0
-        for lined in self._in_line.values():
-            waiting |= lined.requested
-        candidates = peer.bits & waiting & ~peer.requested & ~self._forced & ~self._moved
-        if not candidates:
+        candidates = peer.bits & self._lined & ~peer.requested & ~self._forced & ~self._moved
+        book, peers = self._book, self._peers
+        while candidates:
+            low = candidates & -candidates
+            candidates ^= low
+            index = low.bit_length() - 1
+            asked = book.peers_for(index)
+            if asked and all(peers[name].in_line for name in asked if name in peers):
+                break
+            self._lined ^= low  # no longer waiting, or under way elsewhere as well
+        else:
             return False
-        index = (candidates & -candidates).bit_length() - 1
-        for name in self._book.peers_for(index):
-            lined = self._peers.get(name)
-            if lined is not None and not lined.in_line:
-                return False  # one is under way (an endgame duplicate): leave it
-        for name in self._book.peers_for(index):
-            self._book.cancel(name, index)
+        for name in asked:
+            book.cancel(name, index)
             self._acts.append(SendCancel(name, index))
-            lined = self._peers.get(name)
+            lined = peers.get(name)
             if lined is not None:
-                lined.requested &= ~(1 << index)
+                lined.requested &= ~low
             self._drop_source(index)
-        self._moved |= 1 << index
+        self._lined ^= low
+        self._moved |= low
         self._request(peer, index)
         return True
 
@@ -1174,6 +1182,7 @@ class BlobSwarm:
         self._urgent &= ~bit
         self._queued &= ~bit
         self._moved &= ~bit
+        self._lined &= ~bit
         acts = self._acts
         acts.append(AnnounceHave(index))
         cancelled = []
