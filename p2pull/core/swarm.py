@@ -800,17 +800,23 @@ class BlobSwarm:
                 self._unsourced(request.index)
         deadlines = self._deadlines
         stale = 0
+        due = []
         while deadlines and deadlines[0][0] <= now:
             when, index = heapq.heappop(deadlines)
             if self._orphan_deadline[index] == when:
                 self._orphan_deadline[index] = None
                 if self._waiting(index):
-                    self._check_orphan(index)
+                    due.append(index)
             else:
                 stale += 1
                 if stale * DEADLINE_REBUILD_RATIO >= self._count + len(deadlines):
                     deadlines = self._rebuild_deadlines()
                     stale = 0
+        if due:
+            # decided together: the nodes' liveness is looked up once for all of them (a
+            # node outside the fetchers waits on a fetcher for most of its chunks, and
+            # each wait runs out about every origin_wait_limit)
+            self._check_orphans(due)
         retries = self._retries
         while retries and retries[0][0] <= now:
             index = heapq.heappop(retries)[1]
