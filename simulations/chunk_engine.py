@@ -307,10 +307,6 @@ class ChunkEngine:
             return self._run()
         finally:
             if collecting:
-                # what the run built is never collected cyclically either: without the
-                # freeze, the first collection after the run walks all of it (5 % of a
-                # short run's wall time, spent in whatever allocates next)
-                gc.freeze()
                 gc.enable()
 
     def _run(self) -> dict:
