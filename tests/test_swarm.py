@@ -429,6 +429,29 @@ def test_a_fetcher_outranked_by_a_newcomer_leaves_it_the_chunks_not_yet_fetched(
     assert not s.complete
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 29)), max_size=60),
+       st.integers(0, 5))
+def test_the_fetchers_a_swarm_keeps_are_the_highest_among_its_members(steps, limit):
+    """Whatever order members join and leave in, the swarm's fetchers (and whether it is
+    one) are responsibility.fetchers of its members and itself."""
+    s = swarm(8, node="n-me", origin_fetchers=limit)
+    s.handle(Tick(), 0.0)
+    members: set[str] = set()
+    for now, (joining, number) in enumerate(steps, start=1):
+        name = f"n-{number:02d}"
+        if joining and name not in members:
+            s.handle(PeerJoined(name, Bitmap(8)), float(now))
+            members.add(name)
+        elif not joining and name in members:
+            s.handle(PeerLeft(name), float(now))
+            members.discard(name)
+        chosen = fetchers(BLOB, members | {"n-me"}, limit)
+        assert set(s._fetcher_peers) == chosen - {"n-me"}
+        assert s._self_fetcher == ("n-me" in chosen)
+        assert all(s._peers[name].fetcher == (name in chosen) for name in members)
+
+
 def test_a_live_responsible_node_that_makes_no_progress_is_not_waited_for_ever():
     """A node that answers pings (PeerAlive) but never gets a chunk (its origin broken, or
     it only claims interest) holds up its chunks for origin_stall_limit, not longer."""
