@@ -868,7 +868,7 @@ def event_streams(draw):
         index = draw(st.integers(0, chunks - 1))
         kind = draw(st.sampled_from(["join", "left", "have", "piece", "origin", "fail",
                                      "ofail", "tick", "urgent", "corrupt", "reply", "reply",
-                                     "reply", "origin-reply", "origin-reply"]))
+                                     "reply", "origin-reply", "origin-reply", "line"]))
         if kind == "reply":  # resolved at run time against what is outstanding
             events.append(("reply", draw(st.integers(0, 100)), draw(st.sampled_from(
                 ["ok", "ok", "ok", "corrupt", "rejected", "busy", "error"]))))
@@ -893,6 +893,8 @@ def event_streams(draw):
             events.append(OriginFailed(index))
         elif kind == "tick":
             events.append(Tick())
+        elif kind == "line":
+            events.append(UploadLine(peer, draw(st.booleans())))
         elif kind == "urgent":
             events.append(Urgent((index,)))
         else:
@@ -913,6 +915,7 @@ def test_invariants_under_random_events(stream, seed):
     completed = 0
     started = False
     corrupt: set[int] = set()
+    lined: set[str] = set()  # the peers whose line our requests wait in
     now = 0.0
     for event in events:
         now += 0.3
@@ -946,11 +949,15 @@ def test_invariants_under_random_events(stream, seed):
             outstanding.discard((event.peer, event.index))
         if isinstance(event, PeerLeft):
             outstanding = {r for r in outstanding if r[0] != event.peer}
+            lined.discard(event.peer)
+        if isinstance(event, UploadLine) and event.peer in s.peers:
+            (lined.add if event.waiting else lined.discard)(event.peer)
         if isinstance(event, OriginFailed):
             origin.discard(event.index)
         for action in actions:
             if isinstance(action, SendRequest):
                 assert action.peer not in banned
+                assert action.peer not in lined  # asked for nothing while we wait there
                 assert (action.peer, action.index) not in outstanding
                 assert action.index in s.peer_bitmap(action.peer)
                 outstanding.add((action.peer, action.index))
@@ -960,6 +967,7 @@ def test_invariants_under_random_events(stream, seed):
                 assert action.peer not in banned
                 banned.add(action.peer)
                 outstanding = {r for r in outstanding if r[0] != action.peer}
+                lined.discard(action.peer)
             elif isinstance(action, FetchFromOrigin):
                 assert action.index not in origin
                 assert not s.holds(action.index)
@@ -977,6 +985,7 @@ def test_invariants_under_random_events(stream, seed):
         origin = {index for index in origin if not s.holds(index)}
         # the swarm's book agrees with what it told us to send
         assert {(p, i) for p in PEERS for i in s.book.requests_of(p)} == outstanding
+        assert len(s.book) == len(outstanding)
         for peer in PEERS:
             assert s.book.outstanding(peer) <= 2
         assert s.origin_in_flight == len(origin) <= 3
