@@ -351,8 +351,10 @@ def test_a_daemon_out_of_upload_slots_answers_busy_or_queues(origin, cluster, tm
         for thread in threads:
             thread.join(timeout=40)
     assert set(got) == {name for name, _, _ in readers}
-    if when_busy == "queue":  # it waited, and was told when it waited no more
-        assert second.lines[0] is True and second.lines[-1] is False
+    if when_busy == "queue":
+        # it waited, and was told when it waited no more (a control frame goes out after
+        # the piece being written, so the last notice may still be on its way)
+        assert second.lines[0] is True and False in second.lines
     else:
         assert not second.lines
     for name, answers in got.items():
