@@ -50,6 +50,7 @@ from collections import deque
 
 from p2pull.core.bitmap import Bitmap
 from p2pull.core.chunks import ChunkPlan
+from p2pull.core.policy import origin_connection_share
 from p2pull.core.ratelimit import UploadSlots
 from p2pull.core.swarm import (AnnounceHave, BlobSwarm, Completed, FetchFromOrigin, PeerAlive,
                                PeerHave,
@@ -567,11 +568,9 @@ class ChunkEngine:
                 ours, left = swarm.origin_work()
                 mine += ours
                 remaining += left
-        # the daemon's origin pool after each tick (``_OriginPool.share_work``): the node's
-        # part of the origin work left, of origin.connections, at least one
-        cap = self.scenario.origin_connections
-        limit = self.origin_limit[node] = \
-            max(1, round(cap * mine / remaining)) if remaining else cap
+        # the daemon's origin pool after each tick (``_OriginPool.share_work``)
+        limit = self.origin_limit[node] = origin_connection_share(
+            self.scenario.origin_connections, mine, remaining)
         if self.origin_queue[node] and self.origin_active[node] < limit:
             self._pump_origin(node, now)
 

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pull.core.policy import (BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS, GROWTH_THRESHOLD,
-                                MIN_WINDOW_SECONDS, AdaptiveConcurrency, backoff_delay)
+                                MIN_WINDOW_SECONDS, AdaptiveConcurrency, backoff_delay,
+                                origin_connection_share)
 
 UNIT = 1_000_000  # bytes per second that one request in flight moves
 
@@ -232,3 +233,11 @@ def test_backoff_is_deterministic_with_a_seeded_random():
     assert ([backoff_delay(a, rng_a, 0.1) for a in range(1, 12)]
             == [backoff_delay(a, rng_b, 0.1) for a in range(1, 12)])
     assert first != [backoff_delay(a, random.Random(43)) for a in range(1, 12)]
+
+
+def test_a_node_keeps_to_its_share_of_the_origin_connections():
+    assert origin_connection_share(16, 2, 16) == 2  # one node of 8
+    assert origin_connection_share(16, 1, 1000) == 1  # at least one
+    assert origin_connection_share(16, 0, 10) == 1
+    assert origin_connection_share(16, 30, 40) == 12
+    assert origin_connection_share(16, 0, 0) == 16  # nothing left: all of them

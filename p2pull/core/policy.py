@@ -12,6 +12,15 @@ GROWTH_THRESHOLD = 1.10
 MIN_WINDOW_SECONDS = 0.25
 
 
+def origin_connection_share(max_connections: int, mine: int, remaining: int) -> int:
+    """The origin connections a node keeps to: its part of ``max_connections`` (it fetches
+    ``mine`` of the ``remaining`` chunks the origin still has to send to the swarm), at
+    least one; all of them when nothing remains. The daemon's origin pool and the
+    simulator's both keep to it."""
+    share = mine / remaining if remaining else 1.0
+    return max(1, round(max_connections * share))
+
+
 @dataclass
 class AdaptiveConcurrency:
     """How many ranged requests to keep in flight against one origin.

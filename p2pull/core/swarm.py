@@ -1087,7 +1087,7 @@ class BlobSwarm:
             candidates ^= low
             index = low.bit_length() - 1
             asked = book.peers_for(index)
-            if asked and all(peers[name].in_line for name in asked if name in peers):
+            if asked and all(peers[name].in_line for name in asked):
                 break
             self._lined ^= low  # no longer waiting, or under way elsewhere as well
         else:
@@ -1095,10 +1095,7 @@ class BlobSwarm:
         for name in asked:
             book.cancel(name, index)
             self._acts.append(SendCancel(name, index))
-            lined = peers.get(name)
-            if lined is not None:
-                lined.requested &= ~low
-            self._drop_source(index)
+            self._release(peers[name], index)  # stays not free: it is in line
         self._lined ^= low
         self._moved |= low
         self._request(peer, index)

@@ -18,7 +18,7 @@ import trio
 import xxhash
 
 from p2pull.core.chunks import ChunkPlan
-from p2pull.core.policy import AdaptiveConcurrency
+from p2pull.core.policy import AdaptiveConcurrency, origin_connection_share
 from p2pull.core.ratelimit import TokenBucket
 from p2pull.core.refs import Ref
 from p2pull.core.swarm import (AnnounceHave, BanPeer, BlobCorrupt, BlobSwarm, Completed,
@@ -136,8 +136,8 @@ class _OriginPool:
         self._work[session] = (mine, remaining)
         mine = sum(m for m, _ in self._work.values())
         remaining = sum(r for _, r in self._work.values())
-        share = mine / remaining if remaining else 1.0
-        self.concurrency.set_cap(max(1, round(self.max_connections * share)))
+        self.concurrency.set_cap(origin_connection_share(self.max_connections, mine,
+                                                         remaining))
         # a larger share takes its connections now: waiting for the next rate window to
         # raise the limit left a node that fell behind on its few early connections
         self._spawn()
