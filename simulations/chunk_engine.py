@@ -6,10 +6,11 @@ What is modelled, as the daemon does it (``p2pull/net/node.py``, ``p2pull/net/fe
 - A request travels to its peer in rtt/2 and joins that connection's FIFO queue. A connection
   sends one chunk at a time; each chunk takes one of the sender's ``upload_slots``
   (``UploadSlots``, the real class), acquired when it starts and released when it ends; a
-  request that finds no slot waits at the sender until one frees (``nodes.when_busy =
-  "queue"``, the daemon's default), and the requester's swarms hear so (``UploadLine``, the
-  daemon's Line notice, rtt/2 later; and again when the slot is theirs), or with
-  ``"answer"`` is answered ``busy`` (the requester backs off). The piece arrives rtt/2
+  request that finds no slot waits in the sender's line until one frees (``nodes.when_busy
+  = "queue"``, the daemon's default; a freed slot goes to the requester that receives from
+  the fewest peers, as its requests said), and the requester's swarms hear so
+  (``UploadLine``, the daemon's Line notice, rtt/2 later; and again when the slot is
+  theirs), or with ``"answer"`` is answered ``busy`` (the requester backs off). The piece arrives rtt/2
   after its last byte left. A cancel removes a request still queued.
 - Origin fetches (``FetchFromOrigin``) join the node's origin queue, shared by its blobs, in
   the order the swarms decided them; the node's connections each take the next chunk not
@@ -128,12 +129,14 @@ def neighbour_graph(count: int, degree: int, rng: random.Random,
 class _Connection:
     """The requests one node queued from one peer, served in order, one chunk at a time."""
 
-    __slots__ = ("queue", "flow", "waiting")
+    __slots__ = ("queue", "flow", "waiting", "receiving")
 
     def __init__(self):
         self.queue: deque = deque()
         self.flow = -1  # the flow sending its current chunk, -1 when idle
-        self.waiting = False  # in its sender's queue for an upload slot (when_busy "queue")
+        self.waiting = False  # in its sender's line for an upload slot (when_busy "queue")
+        #: the peers the requester receives from, as its latest request said
+        self.receiving = 0
 
 
 class ChunkEngine:
@@ -210,8 +213,6 @@ class ChunkEngine:
         self.blobs_left = [len(self.blobs)] * n
         self.slots = [UploadSlots(sc.upload_slots) for _ in range(n)]
         self.queue_when_busy = sc.when_busy == "queue"
-        #: per sender, the requesters whose connection waits for an upload slot, in order
-        self.slot_waiters: list[deque] = [deque() for _ in range(n)]
         self.origin_queue: list[deque] = [deque() for _ in range(n)]
         self.origin_active = [0] * n
         #: connections each node streams origin chunks over now: its share of
@@ -428,7 +429,11 @@ class ChunkEngine:
             kind = type(action)
             if kind is SendRequest:
                 self.requests += 1
-                hop(now, _REQUEST, self.ids[action.peer], node, (blob, action.index))
+                # the request tells the peers the node receives from (``Node.send_request``)
+                receiving = 0
+                for swarm in self.swarms[node]:
+                    receiving += swarm.serving
+                hop(now, _REQUEST, self.ids[action.peer], node, (blob, action.index, receiving))
             elif kind is AnnounceHave:
                 self.last_progress[node] = now
                 self._joined[node][blob] = None
@@ -598,7 +603,7 @@ class ChunkEngine:
         self.present[node] = False
         self.ticking[node] = False
         self.origin_queue[node].clear()
-        self.slot_waiters[node].clear()
+        self.slots[node] = UploadSlots(self.scenario.upload_slots)
         self.expected.discard(node)
         for fid in list(self.node_flows[node]):
             self._cut(fid, now)
@@ -629,8 +634,12 @@ class ChunkEngine:
         conn = self.conns.get(key)
         if conn is None:
             conn = self.conns[key] = _Connection()
-        conn.queue.append(item)
-        if conn.flow < 0 and not conn.waiting:
+        blob, index, receiving = item
+        conn.queue.append((blob, index))
+        conn.receiving = receiving
+        if conn.waiting:
+            self.slots[sender].update(self.names[requester], receiving)
+        elif conn.flow < 0:
             self._serve(sender, requester, conn, now)
 
     def _on_cancel(self, sender: int, requester: int, item, now: float) -> None:
@@ -642,6 +651,8 @@ class ChunkEngine:
                 pass  # already sent, or never asked
 
     def _serve(self, sender: int, requester: int, conn: _Connection, now: float) -> None:
+        """Send the connection's next chunk, if its requester gets a slot; a slot granted
+        to it (``_grant_slots``) and not used is given back, for the caller to grant."""
         swarms = self.swarms[sender]
         queue = conn.queue
         name = self.names[sender]
@@ -649,17 +660,17 @@ class ChunkEngine:
         requester_name = self.names[requester]
         if not self.present[requester]:
             queue.clear()
+            slots.release(requester_name)
             return
         while queue:
             blob, index = queue.popleft()
             if not swarms[blob].holds(index):
                 self._hop(now, _DELIVER, requester, blob, PieceFailed(name, index, "rejected"))
                 continue
-            if not slots.try_acquire(requester_name):
+            if not slots.try_acquire(requester_name, self.queue_when_busy, conn.receiving):
                 if self.queue_when_busy:
                     queue.appendleft((blob, index))
                     conn.waiting = True
-                    self.slot_waiters[sender].append(requester)
                     self._tell_line(sender, requester, True, now)
                     return
                 self.busy += 1
@@ -676,6 +687,7 @@ class ChunkEngine:
             conn.flow = self._start_flow(links, nbytes, now,
                                          (sender, requester, blob, index, nbytes))
             return
+        slots.release(requester_name)  # cancelled or rejected while it waited
 
     def _pump_origin(self, node: int, now: float) -> None:
         """Free origin connections take the next queued chunks still missing."""
@@ -746,11 +758,12 @@ class ChunkEngine:
                   PieceVerified(self.names[sender], index, nbytes))
         conn = self.conns[sender * self.n + requester]
         conn.flow = -1
-        if self.slot_waiters[sender]:
-            # others wait for a slot: this connection's next chunk queues behind them
+        slots = self.slots[sender]
+        if slots.line_length:
+            # others wait for a slot: this connection's next chunk joins them in line
             if conn.queue:
                 conn.waiting = True
-                self.slot_waiters[sender].append(requester)
+                slots.try_acquire(self.names[requester], True, conn.receiving)
                 self._tell_line(sender, requester, True, now)
             self._grant_slots(sender, now)
         elif conn.queue:
@@ -768,16 +781,17 @@ class ChunkEngine:
                 self._hop(now, _DELIVER, requester, blob, event)
 
     def _grant_slots(self, sender: int, now: float) -> None:
-        """Free upload slots go to the connections waiting for one, first come first."""
-        waiters = self.slot_waiters[sender]
+        """Free upload slots go to the connections waiting for one, in the line's order
+        (``UploadSlots.grant``)."""
         slots = self.slots[sender]
-        n = self.n
-        while waiters and slots.free:
-            requester = waiters.popleft()
-            conn = self.conns[sender * n + requester]
-            conn.waiting = False
-            self._tell_line(sender, requester, False, now)
-            if conn.flow < 0 and conn.queue:
+        base = sender * self.n
+        ids = self.ids
+        while granted := slots.grant():
+            for name in granted:
+                requester = ids[name]
+                conn = self.conns[base + requester]
+                conn.waiting = False
+                self._tell_line(sender, requester, False, now)
                 self._serve(sender, requester, conn, now)
 
     def _cut(self, fid: int, now: float) -> None:
@@ -787,7 +801,7 @@ class ChunkEngine:
             conn = self.conns[sender * self.n + requester]
             conn.flow = -1
             conn.queue.clear()
-            if self.present[sender] and self.slot_waiters[sender]:
+            if self.present[sender] and self.slots[sender].line_length:
                 self._grant_slots(sender, now)
 
     def _on_net(self, _a, _b, _c, now: float) -> None:

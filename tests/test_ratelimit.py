@@ -88,6 +88,23 @@ def test_upload_slots():
     assert slots.holders == ("b", "c")
 
 
+def test_freed_slots_go_to_the_peers_receiving_least():
+    slots = UploadSlots(2)
+    assert slots.try_acquire("a") and slots.try_acquire("b")
+    for peer, receiving in (("c", 5), ("d", 2), ("e", 9), ("f", 2)):
+        assert not slots.try_acquire(peer, queue=True, receiving=receiving)
+    assert slots.line_length == 4
+    slots.release("a")
+    assert slots.grant() == ["d"]  # the least; "f" receives as little but came later
+    slots.update("e", 1)  # a further request from "e": it receives less now
+    slots.update("never", 0)  # not in line: nothing happens
+    assert not slots.try_acquire("c", queue=True, receiving=7)  # asks again: 7 now
+    slots.release("b")
+    slots.release("d")
+    assert slots.grant() == ["e", "f"]
+    assert slots.waiting == ("c",) and slots.line_length == 1
+
+
 def test_queued_peers_get_freed_slots_first_come_first():
     slots = UploadSlots(1)
     assert slots.try_acquire("a", queue=True)

@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 
+from p2pull.core.ratelimit import UploadSlots
 from simulations import chunk_engine, cli, fluid_engine, report
 from simulations.bound import bound_of, kumar_ross
 from simulations.maxmin import max_min, progressive_filling
@@ -364,3 +365,42 @@ def test_line_notices_let_waiting_requests_go_to_free_holders(monkeypatch):
     assert silent_stats["requests"] < stats["requests"]  # nothing moved
     assert told[len(told) // 2] < 0.9 * untold[len(untold) // 2]
     assert told[-1] < untold[-1]
+
+
+def test_a_freed_slot_goes_to_the_requester_in_line_receiving_least(monkeypatch):
+    """Requests carry how many peers their node receives from (the swarms' ``serving``),
+    and the senders' lines (the daemon's UploadSlots) give a freed slot to the least
+    served: 24 nodes with 2 upload slots each finish sooner than first come first."""
+    def run():
+        result = chunk_engine.run(from_dict(apply_overrides(
+            read("tiny"), ["nodes.count=24", "nodes.upload_slots=2"])))
+        return sorted(node["seconds"] for node in result["nodes"])
+
+    grants = []
+    grant = UploadSlots.grant
+
+    def watched(slots):
+        line = dict(slots._waiting)
+        granted = grant(slots)
+        grants.extend((line[peer], min(line.values())) for peer in granted[:1])
+        return granted
+
+    monkeypatch.setattr(UploadSlots, "grant", watched)
+    least_first = run()
+    assert grants and all(receiving == least for receiving, least in grants)
+    assert len({receiving for receiving, _ in grants}) > 2  # the counts differ
+
+    def first_come(slots):
+        line = slots._waiting
+        granted = []
+        while line and slots.free:
+            peer = next(iter(line))
+            del line[peer]
+            slots._holders[peer] = None
+            granted.append(peer)
+        return granted
+
+    monkeypatch.setattr(UploadSlots, "grant", first_come)
+    first_come_first = run()
+    assert least_first[len(least_first) // 2] < first_come_first[len(first_come_first) // 2]
+    assert least_first[-1] < first_come_first[-1]

@@ -986,6 +986,8 @@ def test_invariants_under_random_events(stream, seed):
         # the swarm's book agrees with what it told us to send
         assert {(p, i) for p in PEERS for i in s.book.requests_of(p)} == outstanding
         assert len(s.book) == len(outstanding)
+        # the peers it tells senders it receives from: asked and not lined
+        assert s.serving == len({peer for peer, _ in outstanding} - lined)
         for peer in PEERS:
             assert s.book.outstanding(peer) <= 2
         assert s.origin_in_flight == len(origin) <= 3

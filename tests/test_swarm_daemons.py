@@ -227,6 +227,9 @@ def test_a_peer_serving_chunks_that_fail_xxh3_is_banned(origin, cluster, tmp_pat
     with hostile, Proxy(origin.host) as proxy:
         summary = daemon.get(f"{proxy.host}/{REPOSITORY}", tmp_path / "out", GET_TIMEOUT)
         assert hostile.requests, "the daemon never asked the hostile peer"
+        # each request counts the peer it asks among those sending to the daemon: this
+        # one, once for each blob asked of it at the time
+        assert min(hostile.receiving) >= 1, hostile.receiving
         assert hostile.closed.wait(10), "the daemon kept the connection of a banned peer"
         status = daemon.cli_json("status")
         # banned once it is caught: it cannot come back under the same node id

@@ -19,6 +19,7 @@ from p2pull.wire import (
     MAX_FRAME,
     MAX_HEADER,
     MAX_PAYLOAD,
+    MAX_RECEIVING,
     NEED_DATA,
     Auth,
     Line,
@@ -121,7 +122,7 @@ SESSION_MESSAGES = {
     "interest": interests(),
     "bitmap": bitmaps(),
     "have": st.builds(Have, digests, indexes),
-    "request": st.builds(Request, digests, indexes),
+    "request": st.builds(Request, digests, indexes, st.integers(0, MAX_RECEIVING)),
     "piece": st.builds(Piece, digests, indexes, st.binary(min_size=16, max_size=16),
                        st.binary(max_size=5000)),
     "reject": st.builds(Reject, digests, indexes,
@@ -537,6 +538,8 @@ def test_frame_ending_inside_its_header():
             "n": MAX_PAYLOAD + 1}), "payload length"),
     (frame({"t": "bitmap", "blob": BLOB, "bits": b"\x01", "count": 3}), "beyond"),
     (frame({"t": "bitmap", "blob": BLOB, "bits": b"\x00\x00", "count": 3}), "must be 1 bytes"),
+    (frame({"t": "request", "blob": BLOB, "index": 1}), "without 'receiving'"),
+    (frame({"t": "request", "blob": BLOB, "index": 1, "receiving": -1}), "outside"),
     (frame({"t": "reject", "blob": BLOB, "index": 1, "reason": "bored"}), "none of"),
     (frame({"t": "reject", "blob": BLOB, "index": 1, "reason": {"a": 1}}), "none of"),
     (frame({"t": "interest", "blob": BLOB, "size": 10, "chunk_size": 0}), "outside"),
@@ -580,6 +583,9 @@ def test_unknown_header_keys_are_ignored():
     lambda: Ping(-1),
     lambda: Line(1),
     lambda: Line("yes"),
+    lambda: Request(BLOB, 0, -1),
+    lambda: Request(BLOB, 0, MAX_RECEIVING + 1),
+    lambda: Request(BLOB, 0, True),
 ])
 def test_invalid_messages_cannot_be_built(make):
     with pytest.raises(LocalProtocolError):
@@ -642,7 +648,7 @@ def valid_stream_from_b() -> bytes:
     pair = ConnectionPair()
     pair.handshake()
     pair.send("b", Interest(BLOB, 5000, 1024), Bitmap(BLOB, b"\xf0", 5), Have(BLOB, 4),
-              Request(BLOB, 0), Reject(BLOB, 1, "missing"), Cancel(BLOB, 0), Line(True),
+              Request(BLOB, 0, 3), Reject(BLOB, 1, "missing"), Cancel(BLOB, 0), Line(True),
               Line(False), Ping(9), Pong(9))
     pair.send_piece("b", BLOB, 4, CHECKSUM, b"q" * 2000)
     pair.send("b", Goodbye("done"))

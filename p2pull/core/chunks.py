@@ -8,8 +8,10 @@ from dataclasses import dataclass
 
 #: 2: the chunk rule below went from ~512 to ~2048 chunks per blob; a peer of version 1
 #: would cut the same blob otherwise, so the hello refuses it. 3: the Line message (a
-#: version 2 peer would take it for an unknown message and drop the connection)
-PROTOCOL_VERSION = 3
+#: version 2 peer would take it for an unknown message and drop the connection). 4: a
+#: Request says how many peers the requester receives from (a version 3 peer would send
+#: none and be refused)
+PROTOCOL_VERSION = 4
 #: enough chunks per blob for a swarm to pipeline: the tail costs about (N-1)/k of the ideal
 #: time when k chunks finish together (DESIGN.md), and a chunk must arrive whole before it
 #: is passed on, so each hop of a chunk costs its size over the link's share. Measured on

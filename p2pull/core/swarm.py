@@ -372,6 +372,7 @@ class BlobSwarm:
         "_origin_asked", "_first_origin_fetch", "_origin_chunk_seconds", "_members",
         "_self_key", "_chunk_keys", "_helping", "_started", "_fetcher_peers",
         "_self_fetcher", "_self_rank", "_fetch_key", "_fetch_floor", "_in_line", "_lined", "_moved",
+        "_serving",
         "_completed_sent", "_liveness", "_all", "blob", "node_id")
 
     def __init__(self, blob: str, plan: ChunkPlan, node_id: str, held: Bitmap,
@@ -428,6 +429,9 @@ class BlobSwarm:
         #: when ``_move_from_line`` meets it), so that a free peer finds one without an OR
         #: over every lined peer's requests
         self._lined = 0
+        #: peers with our requests outstanding that have not put us in line: the ones
+        #: serving us, or about to (``serving``)
+        self._serving = 0
         self._self_fetcher = True
         self._fetch_key = fetcher_key(blob)
         self._self_rank = (xxh3_64_intdigest(self._self_key, self._fetch_key), node_id)
@@ -550,6 +554,14 @@ class BlobSwarm:
 
     def holds(self, index: int) -> bool:
         return not (self._missing >> index) & 1
+
+    @property
+    def serving(self) -> int:
+        """How many peers are sending us chunks of this blob now, as far as we know: those
+        with requests of ours outstanding that have not put us in their line. A node
+        tells it with its requests (summed over its blobs) so that a sender with a line
+        gives its next free slot to the requester receiving least."""
+        return self._serving
 
     @property
     def missing_count(self) -> int:
@@ -899,6 +911,8 @@ class BlobSwarm:
         if peer is None or peer.in_line == event.waiting:
             return
         peer.in_line = event.waiting
+        if peer.requested:
+            self._serving += -1 if event.waiting else 1
         if event.waiting:
             self._in_line[peer.name] = peer
             self._lined |= peer.requested
@@ -974,6 +988,8 @@ class BlobSwarm:
         name = peer.name
         self._free_holding.pop(name, None)
         self._in_line.pop(name, None)
+        if peer.requested and not peer.in_line:
+            self._serving -= 1
         peer.in_line = False
         if peer.holding:
             self._holders -= 1  # a peer that comes back is not a second one
@@ -1106,6 +1122,8 @@ class BlobSwarm:
         book = self._book
         book.add(name, index, self._now,
                  self._last_length if index == self._count - 1 else self.plan.chunk_size)
+        if not peer.requested and not peer.in_line:
+            self._serving += 1
         peer.requested |= 1 << index
         if book.outstanding(name) >= book.pipeline_depth:
             peer.free = False
@@ -1131,7 +1149,11 @@ class BlobSwarm:
     def _release(self, peer: _Peer, index: int) -> bool:
         """A request to ``peer`` for ``index`` closed; True if the chunk, still missing, has
         no source left."""
-        peer.requested &= ~(1 << index)
+        bit = 1 << index
+        if peer.requested & bit:
+            peer.requested ^= bit
+            if not peer.requested and not peer.in_line:
+                self._serving -= 1
         book = self._book
         if peer.backoff_until is None and book.outstanding(peer.name) < book.pipeline_depth:
             self._set_free(peer)

@@ -41,7 +41,7 @@ from p2pull.store.cas import Store, chunk_checksum
 from p2pull.wire import (NEED_DATA, Bitmap as BitmapMessage, Cancel, ConnectionClosed, Goodbye,
                          Have, Interest, Line, PeerConnection, PeerVerified, Piece, Ping, Pong,
                          Preload, Reject, Request, StatusQuery, StatusReply)
-from p2pull.wire.messages import MAX_REPORT
+from p2pull.wire.messages import MAX_RECEIVING, MAX_REPORT
 
 log = logging.getLogger("p2pull.node")
 
@@ -164,6 +164,8 @@ class PeerLink:
     requests: collections.deque = field(default_factory=collections.deque)
     #: pieces read for the peer and not yet sent: its upload slot is kept while any are
     in_service: int = 0
+    #: the peers it receives from, as its latest request said: its rank in our line
+    receiving: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
     #: when the swarms were last told the peer is alive, and making progress
@@ -580,6 +582,8 @@ class Node:
                 link.send(Reject(event.blob, event.index, "busy"))
             else:
                 link.requests.append((event.blob, event.index))
+                link.receiving = event.receiving
+                self.upload_slots.update(link.peer_id, event.receiving)
                 link.request_ready.set()
         elif isinstance(event, Cancel):
             try:
@@ -725,13 +729,13 @@ class Node:
         peer = link.peer_id
         if self.queue_when_busy and slots.waiting and slots.holds(peer):
             self._release_upload_slot(peer)
-        if slots.try_acquire(peer, queue=self.queue_when_busy):
+        if slots.try_acquire(peer, queue=self.queue_when_busy, receiving=link.receiving):
             return True
         if not self.queue_when_busy:
             return False
         # the peer asks a free holder for what waits here meanwhile (swarm.UploadLine)
         link.send(Line(True))
-        while not slots.try_acquire(peer, queue=True):
+        while not slots.try_acquire(peer, queue=True, receiving=link.receiving):
             await link.slot_granted.wait()
             link.slot_granted = trio.Event()
         link.send(Line(False))
@@ -829,7 +833,15 @@ class Node:
     def send_request(self, peer: str, blob: str, index: int) -> None:
         link = self.links.get(peer)
         if link is not None:
-            link.send(Request(blob, index))
+            link.send(Request(blob, index, self._receiving()))
+
+    def _receiving(self) -> int:
+        """The peers sending us chunks now, over all our blobs, as our requests tell it."""
+        count = 0
+        for session in self.sessions.values():
+            if session.swarm is not None:
+                count += session.swarm.serving
+        return min(count, MAX_RECEIVING)
 
     def send_cancel(self, peer: str, blob: str, index: int) -> None:
         link = self.links.get(peer)

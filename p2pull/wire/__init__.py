@@ -21,6 +21,7 @@ from p2pull.wire.messages import (
     CHECKSUM_SIZE,
     MAX_CHUNKS_PER_BLOB,
     MAX_PAYLOAD,
+    MAX_RECEIVING,
     MESSAGE_TYPES,
     REJECT_REASONS,
     Auth,
@@ -53,6 +54,6 @@ __all__ = [
     "Event", "PeerVerified", "ConnectionClosed",
     "FrameDecoder", "encode", "encode_piece", "decode_header",
     "MAX_FRAME", "MAX_HEADER", "MAX_PAYLOAD", "MAX_CHUNKS_PER_BLOB", "CHALLENGE_SIZE",
-    "CHECKSUM_SIZE", "REJECT_REASONS",
+    "CHECKSUM_SIZE", "MAX_RECEIVING", "REJECT_REASONS",
     "ProtocolError", "LocalProtocolError", "RemoteProtocolError",
 ]

@@ -37,6 +37,8 @@ CHALLENGE_SIZE = 32
 PROOF_SIZE = 32
 #: Piece.checksum: an xxh3-128 digest (DESIGN.md: the integrity check of a chunk)
 CHECKSUM_SIZE = 16
+#: Request.receiving counts peers: more than a cluster's nodes would ever be
+MAX_RECEIVING = 2**16 - 1
 #: Ping and Pong nonces fit msgpack's largest unsigned integer
 MAX_NONCE = 2**64 - 1
 #: Reject.reason: the peer is out of upload slots, lacks that chunk, or knows no such blob
@@ -191,15 +193,20 @@ class Have(Message):
 
 @dataclass(frozen=True, slots=True)
 class Request(Message):
-    """Send me chunk ``index`` of ``blob``: answered by a Piece or a Reject."""
+    """Send me chunk ``index`` of ``blob``: answered by a Piece or a Reject. ``receiving``:
+    how many peers are sending the requester chunks now (``BlobSwarm.serving``, summed
+    over its blobs); a sender whose upload slots are all taken gives the next free one to
+    the requester in line receiving least (``UploadSlots.grant``)."""
 
     TYPE: ClassVar[str] = "request"
     blob: str
     index: int
+    receiving: int
 
     def __post_init__(self):
         _check_blob(self)
         _check_index(self)
+        _check_int(self, "receiving", 0, MAX_RECEIVING)
 
 
 @dataclass(frozen=True, slots=True)

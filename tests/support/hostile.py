@@ -54,6 +54,8 @@ class HostilePeer:
         self.error: BaseException | None = None
         self.interests: dict[str, Interest] = {}
         self.requests: list[tuple[str, int]] = []
+        #: what each request said of the peers its sender receives from
+        self.receiving: list[int] = []
         self.pieces_sent = 0
         #: the daemon's Line notices, in order (True: our requests wait for a slot)
         self.lines: list[bool] = []
@@ -128,7 +130,7 @@ class HostilePeer:
         """Say we want ``blob`` and request chunks ``indexes`` of it, all at once."""
         self.sock.sendall(self.conn.send(Interest(blob, size, chunk_size)))
         for index in indexes:
-            self.sock.sendall(self.conn.send(Request(blob, index)))
+            self.sock.sendall(self.conn.send(Request(blob, index, 0)))
 
     def answers(self, count: int, timeout: float) -> list[tuple[str, int, object]]:
         """The next ``count`` answers to our requests, in order, or fewer if ``timeout``
@@ -223,6 +225,7 @@ class HostilePeer:
             if interest is None or mode == "pushing":
                 return
             self.requests.append((event.blob, event.index))
+            self.receiving.append(event.receiving)
             length = ChunkPlan(interest.size, interest.chunk_size).length(event.index)
             payload = self.rng.randbytes(length)
             if mode == "lying":
