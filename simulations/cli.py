@@ -13,6 +13,7 @@ import argparse
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 
 from simulations import chunk_engine, fluid_engine, report
@@ -21,8 +22,32 @@ from simulations.scenario import load
 ENGINES = {"chunk": chunk_engine.run, "fluid": fluid_engine.run}
 
 
+#: seconds of wall time between two progress lines of a chunk-engine run
+PROGRESS_INTERVAL = 10.0
+
+
+class _ProgressLines:
+    """A line on stderr every PROGRESS_INTERVAL of wall time: virtual time, nodes done,
+    transfers and their rate."""
+
+    def __init__(self):
+        self.started = self.last = time.monotonic()
+
+    def __call__(self, virtual: float, done: int, expected: int, transfers: int) -> None:
+        now = time.monotonic()
+        if now - self.last < PROGRESS_INTERVAL:
+            return
+        self.last = now
+        wall = now - self.started
+        print(f"  {wall:,.0f} s: virtual {virtual:.3f} s, {done:,}/{expected:,} nodes done, "
+              f"{transfers:,} chunk transfers ({transfers / wall * 60:,.0f} per minute)",
+              file=sys.stderr, flush=True)
+
+
 def run_one(scenario_name: str, engine: str, overrides: list[str], seed: int | None = None):
     scenario = load(scenario_name, overrides)
+    if engine == "chunk":
+        return chunk_engine.run(scenario, seed, _ProgressLines())
     return ENGINES[engine](scenario, seed)
 
 

@@ -404,3 +404,14 @@ def test_a_freed_slot_goes_to_the_requester_in_line_receiving_least(monkeypatch)
     first_come_first = run()
     assert least_first[len(least_first) // 2] < first_come_first[len(first_come_first) // 2]
     assert least_first[-1] < first_come_first[-1]
+
+
+def test_a_long_run_reports_its_progress(monkeypatch):
+    monkeypatch.setattr(chunk_engine, "PROGRESS_EVERY", 255)
+    reports = []
+    result = chunk_engine.run(load("tiny", ["nodes.count=12"]),
+                              progress=lambda *args: reports.append(args))
+    assert len(reports) >= 3
+    assert reports[0][3] < reports[-1][3] <= result["stats"]["transfers"]
+    for (t0, done0, expected, _), (t1, done1, _, _) in zip(reports, reports[1:]):
+        assert t0 <= t1 and done0 <= done1 <= expected == 12
