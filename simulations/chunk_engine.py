@@ -776,12 +776,15 @@ class ChunkEngine:
         conn.flow = -1
         slots = self.slots[sender]
         if slots.line_length:
-            # others wait for a slot: this connection's next chunk joins them in line
+            # others wait for a slot: this connection's next chunk takes a place in line
+            # too, and the freed slot goes to whoever there receives least, this requester
+            # included (the daemon's _take_upload_slot); told only if it stays in line
             if conn.queue:
                 conn.waiting = True
                 slots.try_acquire(self.names[requester], True, conn.receiving)
+            self._grant_slots(sender, now, requester)
+            if conn.waiting:
                 self._tell_line(sender, requester, True, now)
-            self._grant_slots(sender, now)
         elif conn.queue:
             self._serve(sender, requester, conn, now)
 
@@ -796,9 +799,10 @@ class ChunkEngine:
             if not swarm.complete:
                 self._hop(now, _DELIVER, requester, blob, event)
 
-    def _grant_slots(self, sender: int, now: float) -> None:
+    def _grant_slots(self, sender: int, now: float, untold: int = -1) -> None:
         """Free upload slots go to the connections waiting for one, in the line's order
-        (``UploadSlots.grant``)."""
+        (``UploadSlots.grant``); each is told it no longer waits, but ``untold``, which
+        was never told it did."""
         slots = self.slots[sender]
         base = sender * self.n
         ids = self.ids
@@ -807,7 +811,8 @@ class ChunkEngine:
                 requester = ids[name]
                 conn = self.conns[base + requester]
                 conn.waiting = False
-                self._tell_line(sender, requester, False, now)
+                if requester != untold:
+                    self._tell_line(sender, requester, False, now)
                 self._serve(sender, requester, conn, now)
 
     def _cut(self, fid: int, now: float) -> None:

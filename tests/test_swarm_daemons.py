@@ -369,6 +369,52 @@ def test_a_daemon_out_of_upload_slots_answers_busy_or_queues(origin, cluster, tm
             assert payload == content[offset:offset + length], (name, index)
 
 
+def test_a_freed_upload_slot_goes_to_the_peer_in_line_receiving_least(origin, cluster,
+                                                                      tmp_path):
+    """One upload slot and 2 MiB/s of upload: each 1 MiB piece holds the slot for half a
+    second. A peer asks for six chunks and says it receives from 9 peers; while its first
+    pieces go out, one peer joins the line saying 5, then another saying 0. The slot goes
+    to the last to come, for both of its chunks, then to the one saying 5, then back to
+    the first."""
+    (server,) = cluster.add(peers=[], env={"P2PULL_UPLOAD_SLOTS": "1",
+                                           "P2PULL_UPLOAD_RATE": "2MiB",
+                                           "P2PULL_UPLOAD_BURST": "1"})
+    server.start()
+    server.get(f"{origin.host}/{REPOSITORY}", tmp_path / "out", GET_TIMEOUT)
+    content = MODEL["model-00001-of-00003.safetensors"]
+    blob = "sha256:" + hashlib.sha256(content).hexdigest()
+    plan = ChunkPlan.for_blob(len(content), parse_size(CHUNK_SIZE))
+    peers = [HostilePeer(server.port, cluster=CLUSTER, secret=cluster.secret)
+             for _ in range(3)]
+    holder, served_well, starved = peers
+    asks = [(holder, 6, 9), (served_well, 2, 5), (starved, 2, 0)]
+    got: dict[int, list] = {}
+    try:
+        for peer in peers:
+            peer.handshake()
+        wait_until(lambda: server.peer_ids() == {p.node_id for p in peers}, 10,
+                   "the daemon did not list the three peers")
+        threads = []
+        for number, (peer, count, receiving) in enumerate(asks):
+            peer.ask(blob, plan.blob_size, plan.chunk_size, range(count), receiving)
+            threads.append(threading.Thread(target=lambda n=number, p=peer, k=count: (
+                got.__setitem__(n, p.answers(k, timeout=30)))))
+            threads[-1].start()
+            time.sleep(0.1)
+        for thread in threads:
+            thread.join(timeout=40)
+    finally:
+        for peer in peers:
+            peer.close()
+    assert [len(got.get(n, ())) for n in range(3)] == [6, 2, 2], got.keys()
+    assert all(kind == "piece" for answers in got.values() for kind, _, _ in answers)
+    # the holder's second piece is read and queued while its first goes out, before the
+    # others ask: its slot goes round from the third on
+    assert max(holder.piece_times[:2]) < min(starved.piece_times)
+    assert max(starved.piece_times) < min(served_well.piece_times)
+    assert max(served_well.piece_times) < min(holder.piece_times[2:])
+
+
 def test_wrong_secret_garbage_oversize_and_stalled_peers_are_dropped(origin, cluster,
                                                                      tmp_path):
     """Hostile connections to a daemon while it pulls with an honest peer: each is refused

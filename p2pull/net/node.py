@@ -724,11 +724,18 @@ class Node:
         """True once ``link``'s peer holds an upload slot; False if every slot is taken and
         the request is to be answered busy. With ``upload_when_busy = "queue"`` the peer
         waits in line instead, and a peer holding a slot that others wait for gives it up
-        before each further piece and goes to the back of the line, so slots go round."""
+        before each further piece for a place in line, so slots go round: to whoever in
+        line receives from the fewest peers, this peer included (it is told it waits only
+        if it does)."""
         slots = self.upload_slots
         peer = link.peer_id
-        if self.queue_when_busy and slots.waiting and slots.holds(peer):
-            self._release_upload_slot(peer)
+        if self.queue_when_busy and slots.line_length and slots.holds(peer):
+            slots.release(peer)
+            slots.try_acquire(peer, queue=True, receiving=link.receiving)
+            self._grant_upload_slots()
+            if slots.holds(peer):  # it receives least: its own slot again, unwaited
+                link.slot_granted = trio.Event()
+                return True
         if slots.try_acquire(peer, queue=self.queue_when_busy, receiving=link.receiving):
             return True
         if not self.queue_when_busy:
@@ -742,9 +749,13 @@ class Node:
         return True
 
     def _release_upload_slot(self, peer: str) -> None:
-        """Free ``peer``'s upload slot (or its place in line) and wake the peers waiting
-        longest for the slots now free."""
+        """Free ``peer``'s upload slot (or its place in line) and give the slots now free
+        to the peers in line."""
         self.upload_slots.release(peer)
+        self._grant_upload_slots()
+
+    def _grant_upload_slots(self) -> None:
+        """Wake the peers in line that the free slots go to (``UploadSlots.grant``)."""
         for granted in self.upload_slots.grant():
             link = self.links.get(granted)
             if link is None:  # gone meanwhile: its slot goes on down the line

@@ -59,6 +59,8 @@ class HostilePeer:
         self.pieces_sent = 0
         #: the daemon's Line notices, in order (True: our requests wait for a slot)
         self.lines: list[bool] = []
+        #: when each piece ``answers`` returned was read
+        self.piece_times: list[float] = []
         #: blob digest -> its true bytes, for the ``pushing`` mode
         self.contents: dict[str, bytes] = {}
         self._stop = threading.Event()
@@ -126,11 +128,12 @@ class HostilePeer:
 
     # -- asking, as an honest peer would ---------------------------------------------------
 
-    def ask(self, blob: str, size: int, chunk_size: int, indexes) -> None:
-        """Say we want ``blob`` and request chunks ``indexes`` of it, all at once."""
+    def ask(self, blob: str, size: int, chunk_size: int, indexes, receiving: int = 0) -> None:
+        """Say we want ``blob`` and request chunks ``indexes`` of it, all at once, each
+        request saying we receive from ``receiving`` peers."""
         self.sock.sendall(self.conn.send(Interest(blob, size, chunk_size)))
         for index in indexes:
-            self.sock.sendall(self.conn.send(Request(blob, index, 0)))
+            self.sock.sendall(self.conn.send(Request(blob, index, receiving)))
 
     def answers(self, count: int, timeout: float) -> list[tuple[str, int, object]]:
         """The next ``count`` answers to our requests, in order, or fewer if ``timeout``
@@ -151,6 +154,7 @@ class HostilePeer:
                 self.conn.receive_data(data)
             elif isinstance(event, Piece):
                 found.append(("piece", event.index, bytes(event.payload)))
+                self.piece_times.append(time.monotonic())
             elif isinstance(event, Reject):
                 found.append(("reject", event.index, event.reason))
             elif isinstance(event, Line):
