@@ -1,4 +1,5 @@
-"""The messages of the peer protocol (version 1), and the events a connection reports.
+"""The messages of the peer protocol (``core.chunks.PROTOCOL_VERSION``), and the events a
+connection reports.
 
 Every message is a frozen dataclass that checks its own fields when it is built, so an
 invalid message can neither be sent nor received: a bad field raises LocalProtocolError, and
