@@ -10,8 +10,8 @@ What is modelled, as the daemon does it (``p2pull/net/node.py``, ``p2pull/net/fe
   = "queue"``, the daemon's default; a freed slot goes to the requester that receives from
   the fewest peers, as its requests said), and the requester's swarms hear so
   (``UploadLine``, the daemon's Line notice, rtt/2 later; and again when the slot is
-  theirs), or with ``"answer"`` is answered ``busy`` (the requester backs off). The piece arrives rtt/2
-  after its last byte left. A cancel removes a request still queued.
+  theirs), or with ``"answer"`` is answered ``busy`` (the requester backs off). The piece
+  arrives rtt/2 after its last byte left. A cancel removes a request still queued.
 - Origin fetches (``FetchFromOrigin``) join the node's origin queue, shared by its blobs, in
   the order the swarms decided them; the node's connections each take the next chunk not
   held meanwhile and stream it from the origin link, one chunk after another, as the
@@ -57,7 +57,8 @@ from p2pull.core.ratelimit import UploadSlots
 from p2pull.core.swarm import (AnnounceHave, BlobSwarm, Completed, FetchFromOrigin, PeerAlive,
                                PeerHave,
                                PeerJoined, PeerLeft, OriginDropped, PieceFailed,
-                               PieceVerified, SendCancel, SendRequest, Tick, UploadLine)
+                               PieceVerified, SendCancel, SendRequest, Tick, UploadLine,
+                               receiving_from)
 from simulations.bound import bound_of
 from simulations.network import FlowNetwork
 from simulations.scenario import Scenario
@@ -446,10 +447,8 @@ class ChunkEngine:
             if kind is SendRequest:
                 self.requests += 1
                 # the request tells the peers the node receives from (``Node.send_request``)
-                receiving = 0
-                for swarm in self.swarms[node]:
-                    receiving += swarm.serving
-                hop(now, _REQUEST, self.ids[action.peer], node, (blob, action.index, receiving))
+                hop(now, _REQUEST, self.ids[action.peer], node,
+                    (blob, action.index, receiving_from(self.swarms[node])))
             elif kind is AnnounceHave:
                 self.last_progress[node] = now
                 self._joined[node][blob] = None

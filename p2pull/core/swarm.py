@@ -352,6 +352,13 @@ class _Peer:
         self.holding = False
 
 
+def receiving_from(swarms: Iterable[BlobSwarm]) -> int:
+    """The peers a node receives from, as its requests tell it: ``serving`` summed over
+    its blobs' swarms (a peer serving two blobs counts twice). The daemon and the
+    simulator both send it."""
+    return sum(swarm.serving for swarm in swarms)
+
+
 def _freed_at(peer: _Peer) -> int:
     return peer.freed_at
 
@@ -371,8 +378,8 @@ class BlobSwarm:
         "_handlers", "_seq", "_backoffs", "_deadlines", "_retries", "_origin", "_origin_queue",
         "_origin_asked", "_first_origin_fetch", "_origin_chunk_seconds", "_members",
         "_self_key", "_chunk_keys", "_helping", "_started", "_fetcher_peers",
-        "_self_fetcher", "_self_rank", "_fetch_key", "_fetch_floor", "_in_line", "_lined", "_moved",
-        "_serving",
+        "_self_fetcher", "_self_rank", "_fetch_key", "_fetch_floor", "_in_line", "_lined",
+        "_moved", "_serving",
         "_completed_sent", "_liveness", "_all", "blob", "node_id")
 
     def __init__(self, blob: str, plan: ChunkPlan, node_id: str, held: Bitmap,

@@ -30,7 +30,7 @@ from p2pull.core.chunks import ChunkPlan
 from p2pull.core.ratelimit import TokenBucket, UploadSlots
 from p2pull.core.refs import Ref
 from p2pull.core.swarm import (PeerAlive, PeerHave, PeerJoined, PeerLeft, PieceFailed,
-                               SwarmConfig, Tick, UploadLine)
+                               SwarmConfig, Tick, UploadLine, receiving_from)
 from p2pull.discovery import PeerGone, run_discovery
 from p2pull.errors import ProtocolError, UsageError
 from p2pull.net.fetch import (INLINE_IO_MAX, MAX_ORIGIN_CHUNKS, PEER_WRITES_IN_FLIGHT,
@@ -848,11 +848,8 @@ class Node:
 
     def _receiving(self) -> int:
         """The peers sending us chunks now, over all our blobs, as our requests tell it."""
-        count = 0
-        for session in self.sessions.values():
-            if session.swarm is not None:
-                count += session.swarm.serving
-        return min(count, MAX_RECEIVING)
+        return min(receiving_from(session.swarm for session in self.sessions.values()
+                                  if session.swarm is not None), MAX_RECEIVING)
 
     def send_cancel(self, peer: str, blob: str, index: int) -> None:
         link = self.links.get(peer)
