@@ -54,6 +54,7 @@ from p2pull.core.bitmap import Bitmap
 from p2pull.core.chunks import ChunkPlan
 from p2pull.core.policy import origin_connection_share
 from p2pull.core.ratelimit import UploadSlots
+from p2pull.core.responsibility import fetchers
 from p2pull.core.swarm import (AnnounceHave, BlobSwarm, Completed, FetchFromOrigin, PeerAlive,
                                PeerHave,
                                PeerJoined, PeerLeft, OriginDropped, PieceFailed,
@@ -86,6 +87,10 @@ ALIVE_INTERVAL = 0.25
 #: the daemon pings every peer this often at most, whatever origin_wait_limit is
 #: (``Node._keepalive``: peer_timeout / 3 with the default peer_timeout of 30 s)
 KEEPALIVE_MAX = 10.0
+#: membership "fetchers": each blob's nodes ranking highest as origin fetchers beyond its
+#: origin_fetchers, known to every node as well, so that as many fetchers may leave as in
+#: "all" before the nodes' views of who fetches part
+FETCHER_SPARES = 16
 
 
 def node_name(index: int) -> str:
@@ -165,7 +170,6 @@ class ChunkEngine:
         self.rng = rng
         n = self.n = sc.node_count
         self.names = [node_name(i) for i in range(n)]
-        self.full_membership = sc.membership == "all"
         self.ids = {name: i for i, name in enumerate(self.names)}
         self._progress_events = [PeerAlive(name, progressed=True) for name in self.names]
         self.ups, self.downs = sc.node_links()
@@ -193,6 +197,14 @@ class ChunkEngine:
         self.blobs = [blob_digest(sc, layer) for layer in range(len(sc.layers))]
         self.plans = [ChunkPlan.for_blob(size, sc.chunk_size_of(size)) for size in sc.layers]
         self.config = sc.swarm_config()
+        #: with membership "fetchers", the nodes every node knows besides its neighbours
+        #: (and which know every node)
+        self.well_known: list[int] = []
+        if sc.membership == "fetchers":
+            count = self.config.origin_fetchers + FETCHER_SPARES
+            self.well_known = sorted({self.ids[name] for digest in self.blobs
+                                      for name in fetchers(digest, self.names, count)})
+            self._well_known_set = set(self.well_known)
         # Node._keepalive: a quiet peer's Pong must show it alive before an origin wait
         # runs out
         self.keepalive = min(KEEPALIVE_MAX, max(self.config.origin_wait_limit / 2,
@@ -475,8 +487,7 @@ class ChunkEngine:
             BlobSwarm(digest, plan, self.names[node], Bitmap(plan.count), self.config,
                       random.Random(self.rng.getrandbits(64)), liveness)
             for digest, plan in zip(self.blobs, self.plans)]
-        linked = self.graph[node] if not self.full_membership else \
-            [peer for peer in range(self.n) if peer != node] if self.scenario.uses_peers else []
+        linked = self._linked(node)
         for peer in linked:
             if self.present[peer]:
                 self._hop(now, _INTEREST, peer, node)
@@ -488,6 +499,19 @@ class ChunkEngine:
         else:
             self.awaiting[node] = len(linked)
             self._push(now + self.scenario.bitmap_wait, _FIRST_TICK, node)
+
+    def _linked(self, node: int) -> list[int]:
+        """The nodes ``node`` tells of its start (and so knows): see ``membership``."""
+        membership = self.scenario.membership
+        if not self.scenario.uses_peers:
+            return []
+        if membership == "all" or (membership == "fetchers" and node in self._well_known_set):
+            return [peer for peer in range(self.n) if peer != node]
+        if membership == "neighbours":
+            return self.graph[node]
+        neighbours = self.graph_sets[node]
+        return self.graph[node] + [peer for peer in self.well_known
+                                   if peer != node and peer not in neighbours]
 
     def _on_interest(self, told: int, starting: int, reply, now: float) -> None:
         """``told`` hears that ``starting`` began a get (and its bitmap); ``reply`` True: this

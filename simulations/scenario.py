@@ -31,6 +31,7 @@ SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 STRATEGIES = ("origin-only", "peers-no-dedup", "p2pull")
 ARRIVAL_MODES = ("all", "staggered", "churn")
 WHEN_BUSY = ("answer", "queue")
+MEMBERSHIPS = ("all", "fetchers", "neighbours")
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -103,9 +104,12 @@ class Scenario:
     when_busy: str
     #: ``all``: every node's swarm knows every other node (joins, liveness and progress:
     #: what the daemon's full mesh gives, so origin duty is shared over the whole cluster)
-    #: while Haves, requests and chunks go between neighbours only; ``neighbours``: a node
-    #: knows its neighbours only (a partial view: rendezvous hashing over different member
-    #: sets, so chunks are fetched from the origin more than once)
+    #: while Haves, requests and chunks go between neighbours only; ``fetchers``: a node
+    #: knows its neighbours and each blob's origin fetchers (with FETCHER_SPARES more), the
+    #: part of "all" that decides who fetches from the origin, at N x (neighbours + 32)
+    #: joins instead of N²; ``neighbours``: a node knows its neighbours only (a partial view:
+    #: rendezvous hashing over different member sets, so chunks are fetched from the origin
+    #: more than once)
     membership: str
     #: racks the nodes are dealt into (round robin); 1: no rack model
     racks: int
@@ -312,8 +316,12 @@ def from_dict(data: dict[str, Any], name: str = "scenario") -> Scenario:
 
 
 def _check(scenario: Scenario) -> None:
-    if scenario.membership not in ("all", "neighbours"):
-        raise ValueError("nodes.membership: all or neighbours")
+    if scenario.membership not in MEMBERSHIPS:
+        raise ValueError(f"nodes.membership {scenario.membership!r}: one of "
+                         f"{', '.join(MEMBERSHIPS)}")
+    if scenario.membership == "fetchers" and not scenario.swarm_config().origin_fetchers:
+        raise ValueError("nodes.membership fetchers needs swarm.origin_fetchers above 0 "
+                         "(with 0 every node fetches: use all)")
     if scenario.when_busy not in WHEN_BUSY:
         raise ValueError(f"nodes.when_busy {scenario.when_busy!r}: one of "
                          f"{', '.join(WHEN_BUSY)}")

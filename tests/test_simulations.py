@@ -281,6 +281,24 @@ def test_oversubscribed_racks_slow_the_swarm_down():
         1.2 * max(n["seconds"] for n in free["nodes"])
 
 
+def test_knowing_the_fetchers_decides_as_knowing_everyone():
+    # 40 nodes with 4 neighbours each, 2 origin fetchers: a node that knows its neighbours
+    # and the fetchers (and 16 spares) makes every decision it makes knowing all 39
+    # others, with fewer joins; knowing its neighbours only, it fetches from the origin
+    # what its neighbourhood lacks
+    base = ["nodes.count=40", "nodes.neighbours=4", "swarm.origin_fetchers=2",
+            'artifact.size="8MiB"']
+    runs = {membership: chunk_engine.run(load("tiny", base + [f'nodes.membership="{membership}"']))
+            for membership in ("all", "fetchers", "neighbours")}
+    everyone, fetchers, neighbours = runs["all"], runs["fetchers"], runs["neighbours"]
+    assert [n["seconds"] for n in fetchers["nodes"]] == [n["seconds"] for n in everyone["nodes"]]
+    assert fetchers["origin_bytes"] == everyone["origin_bytes"] == everyone["size_bytes"]
+    assert fetchers["stats"]["events"] < everyone["stats"]["events"]
+    assert neighbours["origin_bytes"] > 2 * neighbours["size_bytes"]
+    with pytest.raises(ValueError, match="origin_fetchers"):
+        load("tiny", ['nodes.membership="fetchers"', "swarm.origin_fetchers=0"])
+
+
 def test_churn_leavers_are_not_waited_for():
     result = chunk_engine.run(load("churn", ["nodes.count=10", 'artifact.size="16MiB"',
                                               "arrivals.abort_fraction=0.5",
