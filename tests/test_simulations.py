@@ -299,6 +299,18 @@ def test_knowing_the_fetchers_decides_as_knowing_everyone():
         load("tiny", ['nodes.membership="fetchers"', "swarm.origin_fetchers=0"])
 
 
+def test_fetchers_slow_to_send_a_large_chunk_are_waited_for():
+    # 16 MiB chunks from a 100 Mbit/s origin shared by 16 fetchers: each chunk takes 21 s,
+    # past origin_stall_limit (10 s). A fetcher's Have of a chunk it fetched reaches every
+    # node, as in the daemon's full mesh: every node finishes and the origin sends each
+    # byte once (heard only by the fetchers' neighbours, the others kept the chunks
+    # orphans, took the fetchers for stalled, ~96 nodes fetched and nothing finished)
+    result = chunk_engine.run(load("study-100", ['chunk_size="16MiB"']))
+    summary = report.summary(result)
+    assert summary["completed"] == summary["expected"] == 100
+    assert result["origin_bytes"] == result["size_bytes"]
+
+
 def test_churn_leavers_are_not_waited_for():
     result = chunk_engine.run(load("churn", ["nodes.count=10", 'artifact.size="16MiB"',
                                               "arrivals.abort_fraction=0.5",
