@@ -498,20 +498,70 @@ def test_liveness_from_the_driver_counts_as_peer_alive():
 
 def test_a_slow_origin_lengthens_the_stall_limit():
     """Our own origin chunks take 8 s each (a large chunk shared by many connections):
-    a member without progress is given three such times, not the 10 s floor."""
+    a member without progress is given three such times per origin fetcher (2), not the
+    10 s floor."""
     s, theirs, fetched = two_node_origin_duty()
     now = 0.0
-    while now < 22.0:  # our first chunk is still coming at 8 s: the origin is slow
+    while now < 46.0:  # our chunks are still coming at 8 s: the origin is slow
         now += 0.5
         if now == 8.0:
-            for index in sorted(fetched)[:3]:
+            for index in sorted(fetched):
                 s.handle(PieceVerified(None, index, CHUNK), now)
         fetched |= alive_then_tick(s, now)
         assert not fetched & theirs, now
-    while now < 26.0:
+    while now < 50.0:
         now += 0.5
         fetched |= alive_then_tick(s, now)
-    assert theirs <= fetched  # 3 x 8 s without progress: stalled
+    assert theirs <= fetched  # 2 x 3 x 8 s without progress: stalled
+
+
+def test_our_origin_chunks_stuck_under_way_lengthen_the_stall_limit():
+    """Our first origin chunks came in 1 s (the origin to ourselves), the rest have been
+    under way since: the time since the last came in is the pace, not the first 1 s (16
+    fetchers sharing the origin take 21 s a chunk; at 10 s every node outside them took
+    them for stalled)."""
+    s, theirs, fetched = two_node_origin_duty()
+    for index in sorted(fetched)[:3]:
+        s.handle(PieceVerified(None, index, CHUNK), 1.0)
+    now = 1.0
+    while now < 30.0:  # 10 s floor, 3 x 1 s pace: "a" would be stalled from 10 s on
+        now += 0.5
+        fetched |= alive_then_tick(s, now)
+        assert not fetched & theirs, now
+    for index in sorted(fetched - theirs)[3:]:  # ours come in: ~30 s each, 3 x that
+        s.handle(PieceVerified(None, index, CHUNK), now)
+    while now < 85.0:
+        now += 0.5
+        fetched |= alive_then_tick(s, now)
+        assert not fetched & theirs, now
+    while now < 95.0:
+        now += 0.5
+        fetched |= alive_then_tick(s, now)
+    assert theirs <= fetched
+
+
+def test_outside_the_fetchers_silent_fetchers_are_waited_for_longer():
+    """We are not one of the 2 fetchers and fetch nothing from the origin: no pace of our
+    own tells how long an origin chunk takes, and the origin may be slow for all. Live
+    fetchers that show no progress are waited for until origin_silence_limit, not the
+    10 s origin_stall_limit."""
+    ranked = by_fetcher_rank(["me"] + [f"p{i}" for i in range(8)])
+    first, second = ranked[:2]
+    assert "me" not in (first, second)
+    s = swarm(40, max_origin_in_flight=100, origin_wait_limit=2.0, origin_stall_limit=10.0,
+              origin_silence_limit=60.0, origin_help_in_flight=0, origin_fetchers=2)
+    s.handle(PeerJoined(first, Bitmap(40)), 0.0)
+    s.handle(PeerJoined(second, Bitmap(40)), 0.0)
+    fetched = {a.index for a in of(s.handle(Tick(), 0.0), FetchFromOrigin)}
+    now = 0.0
+    while now < 62.0:
+        now += 0.5
+        for name in (first, second):
+            s.handle(PeerAlive(name), now)
+        fetched |= {a.index for a in of(s.handle(Tick(), now), FetchFromOrigin)}
+        if now < 60.0:
+            assert not fetched, now
+    assert fetched == set(range(40))
 
 
 def test_progress_on_another_blob_keeps_a_responsible_node_waited_for():

@@ -37,7 +37,9 @@ How chunks are sourced
   arrive). Every other node waits: it fetches the chunk itself once it has
   needed it for ``origin_wait_limit`` and every node that outranks it for that chunk has been
   silent for ``origin_wait_limit`` (no join, Have, piece or answer) or has shown no progress
-  (no Have, no piece) for ``origin_stall_limit``. So a dead first node costs
+  (no Have, no piece) for ``origin_stall_limit``, longer as the origin is slow
+  (``_stall_limit``; ``origin_silence_limit`` for a node with no origin chunks of its own to
+  tell the origin's pace by). So a dead first node costs
   one wait and one extra fetch (by the second node), not one fetch per node, and a slow but
   live first node costs nothing. A Have from any peer ends the wait: the chunk goes to it.
 - Origin help: a node whose own origin chunks are all in takes, from the top down and a
@@ -111,6 +113,15 @@ class SwarmConfig:
     #: for this long is not waited for any more: its origin access may be broken, or it
     #: only claims interest; waiting on liveness alone would wait for ever
     origin_stall_limit: float = 10.0
+    #: ... for a node with origin chunks of its own, whose pace tells how long a chunk
+    #: takes (``_stall_limit``); one without (outside the origin fetchers of a large
+    #: swarm) waits this long: the origin may be slow for all (a 16 MiB chunk from a
+    #: 100 Mbit/s origin shared by 16 fetchers takes 21 s), and fetching the fetchers'
+    #: chunks as well only slows it further: 1,000 nodes in the simulator took the 16 for
+    #: stalled at 10 s, fetched their chunks too, and at 60 s the origin streamed 6,818
+    #: chunks at once. A fetcher that stalls is replaced sooner by the other fetchers,
+    #: which have paces of their own.
+    origin_silence_limit: float = 60.0
     #: sources per chunk in the endgame (first request included); 1 turns the endgame off
     endgame_duplicates: int = 2
     #: origin fetches in flight at once from this swarm; the rest wait in a queue
@@ -158,6 +169,8 @@ class SwarmConfig:
         if min(self.request_timeout_min, self.origin_wait_limit, self.origin_stall_limit,
                self.peer_backoff) < 0:
             raise ValueError("times must not be negative")
+        if self.origin_silence_limit < self.origin_stall_limit:
+            raise ValueError("origin_silence_limit must be at least origin_stall_limit")
 
 
 # -- events ---------------------------------------------------------------------------------
@@ -376,7 +389,8 @@ class BlobSwarm:
         "_endgame", "_free_holding", "_urgent", "_rng", "_sourced", "_saturated", "_forced",
         "_book", "_sources", "_freed", "_last_length", "plan", "_holders",
         "_handlers", "_seq", "_backoffs", "_deadlines", "_retries", "_origin", "_origin_queue",
-        "_origin_asked", "_first_origin_fetch", "_origin_chunk_seconds", "_members",
+        "_origin_asked", "_first_origin_fetch", "_origin_chunk_seconds",
+        "_origin_piece_at", "_members",
         "_self_key", "_chunk_keys", "_helping", "_started", "_fetcher_peers",
         "_self_fetcher", "_self_rank", "_fetch_key", "_fetch_floor", "_in_line", "_lined",
         "_moved", "_serving",
@@ -466,6 +480,8 @@ class BlobSwarm:
         #: and when our first one was asked for: the pace a responsible node is judged by
         self._origin_chunk_seconds: float | None = None
         self._first_origin_fetch: float | None = None
+        #: when our last origin piece came in (None: none yet)
+        self._origin_piece_at: float | None = None
         self._origin_asked: dict[int, float] = {}
         self._started = False
         self._endgame = False
@@ -731,6 +747,7 @@ class BlobSwarm:
                 self._origin_count -= 1
                 self._drop_source(index)
             asked = self._origin_asked.pop(index, None)
+            self._origin_piece_at = self._now
             if asked is not None:
                 sample = self._now - asked
                 previous = self._origin_chunk_seconds
@@ -1315,14 +1332,29 @@ class BlobSwarm:
 
     def _stall_limit(self) -> float:
         """How long a live member may show no progress before its orphans are fetched by
-        others: ``origin_stall_limit``, or longer when the origin is slow for us too (a
-        large chunk shared by many connections takes a while): STALL_PACES times our own
-        origin chunks' time, or the time our first is taking."""
-        limit = self.config.origin_stall_limit
+        others: origin_silence_limit until we fetch from the origin ourselves; then
+        ``origin_stall_limit``, or longer when the origin is slow for us too (a large
+        chunk shared by many connections takes a while): STALL_PACES times our own origin
+        chunks' time (or, while some are under way or none came yet, the time since the
+        last came in or the first was asked for, if that is longer), and up to origin_silence_limit, STALL_PACES times that for each
+        origin fetcher. The fetchers share the origin: one of them shows progress about
+        once per (fetchers x one chunk's time alone on it), and our own chunks may have
+        had it alone (16 MiB at 100 Mbit/s: 1.3 s; the 16 fetchers then take 21 s each,
+        and at 10 s a fetcher done with its share took the others for stalled and
+        fetched all their chunks)."""
+        config = self.config
+        if self._first_origin_fetch is None:
+            return max(config.origin_stall_limit, config.origin_silence_limit)
         pace = self._origin_chunk_seconds
-        if pace is None and self._first_origin_fetch is not None:
-            pace = self._now - self._first_origin_fetch
-        return limit if pace is None else max(limit, STALL_PACES * pace)
+        if self._origin_count or pace is None:
+            since = self._origin_piece_at
+            if since is None:
+                since = self._first_origin_fetch
+            if pace is None or self._now - since > pace:
+                pace = self._now - since
+        fetchers = len(self._fetcher_peers) + self._self_fetcher
+        return max(config.origin_stall_limit, STALL_PACES * pace,
+                   min(config.origin_silence_limit, STALL_PACES * fetchers * pace))
 
     def _rebuild_deadlines(self) -> list[tuple[float, int]]:
         """The deadline heap with only its live entries. A Have of an orphan we wait for
