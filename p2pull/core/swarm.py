@@ -114,8 +114,8 @@ class SwarmConfig:
     #: only claims interest; waiting on liveness alone would wait for ever
     origin_stall_limit: float = 10.0
     #: ... for a node with origin chunks of its own, whose pace tells how long a chunk
-    #: takes (``_stall_limit``); one without (outside the origin fetchers of a large
-    #: swarm) waits this long: the origin may be slow for all (a 16 MiB chunk from a
+    #: takes (``_stall_limit``); one without, in a swarm larger than its origin fetchers,
+    #: waits this long: the origin may be slow for all (a 16 MiB chunk from a
     #: 100 Mbit/s origin shared by 16 fetchers takes 21 s), and fetching the fetchers'
     #: chunks as well only slows it further: 1,000 nodes in the simulator took the 16 for
     #: stalled at 10 s, fetched their chunks too, and at 60 s the origin streamed 6,818
@@ -1332,19 +1332,24 @@ class BlobSwarm:
 
     def _stall_limit(self) -> float:
         """How long a live member may show no progress before its orphans are fetched by
-        others: origin_silence_limit until we fetch from the origin ourselves; then
+        others: until we fetch from the origin ourselves origin_silence_limit, in a swarm
+        larger than its origin fetchers (a small blob's one chunk is some other node's in
+        most swarms of 2; in a large one a fetcher that stalls is replaced by the
+        others with chunks of their own, which have paces), else origin_stall_limit; then
         ``origin_stall_limit``, or longer when the origin is slow for us too (a large
         chunk shared by many connections takes a while): STALL_PACES times our own origin
         chunks' time (or, while some are under way or none came yet, the time since the
-        last came in or the first was asked for, if that is longer), and up to origin_silence_limit, STALL_PACES times that for each
-        origin fetcher. The fetchers share the origin: one of them shows progress about
+        last came in or the first was asked for, if that is longer), and up to
+        origin_silence_limit, STALL_PACES times that for each origin fetcher. The fetchers share the origin: one of them shows progress about
         once per (fetchers x one chunk's time alone on it), and our own chunks may have
         had it alone (16 MiB at 100 Mbit/s: 1.3 s; the 16 fetchers then take 21 s each,
         and at 10 s a fetcher done with its share took the others for stalled and
         fetched all their chunks)."""
         config = self.config
         if self._first_origin_fetch is None:
-            return max(config.origin_stall_limit, config.origin_silence_limit)
+            if 0 < config.origin_fetchers <= len(self._members):  # not all nodes fetch
+                return max(config.origin_stall_limit, config.origin_silence_limit)
+            return config.origin_stall_limit
         pace = self._origin_chunk_seconds
         if self._origin_count or pace is None:
             since = self._origin_piece_at
