@@ -205,7 +205,7 @@ class ChunkEngine:
             count = self.config.origin_fetchers + FETCHER_SPARES
             self.well_known = sorted({self.ids[name] for digest in self.blobs
                                       for name in fetchers(digest, self.names, count)})
-            self._well_known_set = set(self.well_known)
+        self._well_known_set = set(self.well_known)
         # Node._keepalive: a quiet peer's Pong must show it alive before an origin wait
         # runs out
         self.keepalive = min(KEEPALIVE_MAX, max(self.config.origin_wait_limit / 2,
@@ -428,9 +428,9 @@ class ChunkEngine:
         knows the sender, not only its neighbours, as the daemon's full mesh carries every
         Have to every node. A node that heard only its neighbours' would keep the chunk an
         orphan until one of them had it, waiting for the fetcher, which shows no progress
-        while it streams its next chunk: with 16 MiB chunks from a 100 Mbit/s origin (21 s
-        each, 16 fetchers sharing it) the nodes took the fetchers for stalled after
-        origin_stall_limit, fetched their chunks too, and no node finished."""
+        while it streams its next chunk (21 s for 16 MiB from a 100 Mbit/s origin that 16
+        fetchers share), and fetch the chunk itself once the fetcher looked stalled
+        (``BlobSwarm._stall_limit``)."""
         swarms = self.swarms
         multi = len(self.blobs) > 1
         for receiver in self.known[sender]:
