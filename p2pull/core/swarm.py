@@ -1332,19 +1332,21 @@ class BlobSwarm:
 
     def _stall_limit(self) -> float:
         """How long a live member may show no progress before its orphans are fetched by
-        others: until we fetch from the origin ourselves origin_silence_limit, in a swarm
-        larger than its origin fetchers (a small blob's one chunk is some other node's in
-        most swarms of 2; in a large one a fetcher that stalls is replaced by the
-        others with chunks of their own, which have paces), else origin_stall_limit; then
-        ``origin_stall_limit``, or longer when the origin is slow for us too (a large
-        chunk shared by many connections takes a while): STALL_PACES times our own origin
-        chunks' time (or, while some are under way or none came yet, the time since the
-        last came in or the first was asked for, if that is longer), and up to
-        origin_silence_limit, STALL_PACES times that for each origin fetcher. The fetchers share the origin: one of them shows progress about
+        others, by what we know of the origin's pace.
+
+        Before we fetch from the origin ourselves: origin_silence_limit in a swarm larger
+        than its origin fetchers (there a fetcher that stalls is replaced by the other
+        fetchers, which have paces of their own), else origin_stall_limit (in a swarm of
+        2 a small blob's one chunk is often the other node's).
+
+        Then at least origin_stall_limit and STALL_PACES times our origin chunks' time (or,
+        while some are under way or none came yet, the time since the last came in or the
+        first was asked for, if longer); and, up to origin_silence_limit, STALL_PACES times
+        that per origin fetcher. The fetchers share the origin: each shows progress about
         once per (fetchers x one chunk's time alone on it), and our own chunks may have
-        had it alone (16 MiB at 100 Mbit/s: 1.3 s; the 16 fetchers then take 21 s each,
-        and at 10 s a fetcher done with its share took the others for stalled and
-        fetched all their chunks)."""
+        had it alone (16 MiB at 100 Mbit/s: 1.3 s, then 21 s each with 16 fetchers; at
+        10 s a fetcher done with its share took the others for stalled and fetched all
+        their chunks)."""
         config = self.config
         if self._first_origin_fetch is None:
             if 0 < config.origin_fetchers <= len(self._members):  # not all nodes fetch
