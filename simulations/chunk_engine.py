@@ -491,11 +491,11 @@ class ChunkEngine:
                 self.last_progress[node] = now
                 self._joined[node][blob] = None
                 key = (node, blob, action.index)
+                reach = _HAVE
                 if key in self._from_origin:
                     self._from_origin.discard(key)
-                    hop(now, _ORIGIN_HAVE, node, blob, PeerHave(self.names[node], action.index))
-                else:
-                    hop(now, _HAVE, node, blob, PeerHave(self.names[node], action.index))
+                    reach = _ORIGIN_HAVE
+                hop(now, reach, node, blob, PeerHave(self.names[node], action.index))
             elif kind is SendCancel:
                 hop(now, _CANCEL, self.ids[action.peer], node, (blob, action.index))
             elif kind is FetchFromOrigin:

@@ -301,10 +301,11 @@ def test_knowing_the_fetchers_decides_as_knowing_everyone():
 
 def test_fetchers_slow_to_send_a_large_chunk_are_waited_for():
     # 16 MiB chunks from a 100 Mbit/s origin shared by 16 fetchers: each chunk takes 21 s,
-    # past origin_stall_limit (10 s). A fetcher's Have of a chunk it fetched reaches every
-    # node, as in the daemon's full mesh: every node finishes and the origin sends each
-    # byte once (heard only by the fetchers' neighbours, the others kept the chunks
-    # orphans, took the fetchers for stalled, ~96 nodes fetched and nothing finished)
+    # past origin_stall_limit (10 s). Before session 12 the nodes outside the fetchers
+    # took them for stalled, ~96 nodes fetched and nothing finished. Either mend alone
+    # finishes this case with each byte from the origin once: the core's stall limit
+    # from the origin's pace (BlobSwarm._stall_limit), or the engine carrying a fetched
+    # chunk's Have to every node as the daemon's mesh does (_on_origin_have)
     result = chunk_engine.run(load("study-100", ['chunk_size="16MiB"']))
     summary = report.summary(result)
     assert summary["completed"] == summary["expected"] == 100
