@@ -64,7 +64,7 @@ import heapq
 import random
 from dataclasses import dataclass
 from itertools import chain
-from typing import Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 from xxhash import xxh3_64_intdigest
 
@@ -387,8 +387,7 @@ class BlobSwarm:
         "_peers", "_count", "_missing", "_rarity", "_queued", "_orphan_since",
         "_orphan_deadline", "_watched_by", "_now", "_acts", "_origin_count", "config",
         "_endgame", "_free_holding", "_urgent", "_rng", "_sourced", "_saturated", "_forced",
-        "_book", "_sources", "_freed", "_last_length", "plan", "_holders",
-        "_handlers", "_seq", "_backoffs", "_deadlines", "_retries", "_origin", "_origin_queue",
+        "_book", "_sources", "_freed", "_last_length", "plan", "_holders", "_seq", "_backoffs", "_deadlines", "_retries", "_origin", "_origin_queue",
         "_origin_asked", "_first_origin_fetch", "_origin_chunk_seconds",
         "_origin_piece_at", "_members",
         "_self_key", "_chunk_keys", "_helping", "_started", "_fetcher_peers",
@@ -488,14 +487,6 @@ class BlobSwarm:
         self._completed_sent = False
         self._now = 0.0
         self._acts: list = []
-        self._handlers: dict[type, Callable] = {
-            PeerHave: self._on_have, PieceVerified: self._on_verified,
-            PeerJoined: self._on_joined, PeerLeft: self._on_left,
-            PieceFailed: self._on_failed, OriginFailed: self._on_origin_failed,
-            OriginDropped: self._on_origin_failed,
-            Tick: self._on_tick, Urgent: self._on_urgent, BlobCorrupt: self._on_corrupt,
-            UploadLine: self._on_line,
-        }
 
     # -- the entry point --------------------------------------------------------------------
 
@@ -548,10 +539,10 @@ class BlobSwarm:
         else:
             self._now = now
             self._acts = acts = []
-            handler = self._handlers.get(kind)
+            handler = _HANDLERS.get(kind)
             if handler is None:
                 raise TypeError(f"not a swarm event: {event!r}")
-            handler(event)
+            handler(self, event)
         if self._queued and self._origin_count < self.config.max_origin_in_flight:
             self._pump_origin()
         if self._missing and not self._rarity.wanted:
@@ -1508,3 +1499,17 @@ class BlobSwarm:
                 self._first_origin_fetch = self._now
             self._add_source(index)
             self._acts.append(FetchFromOrigin(index))
+
+
+#: ``BlobSwarm.handle``'s handler of each event kind but the Have and PeerAlive it handles
+#: inline. Kept here, not as a table of bound methods per swarm, because such a table makes
+#: every swarm a reference cycle: thousands of swarms (the simulator's) then outlive their
+#: last reference until a cyclic collection walks everything the process holds
+_HANDLERS: dict[type, Callable[[BlobSwarm, Any], None]] = {
+    PeerHave: BlobSwarm._on_have, PieceVerified: BlobSwarm._on_verified,
+    PeerJoined: BlobSwarm._on_joined, PeerLeft: BlobSwarm._on_left,
+    PieceFailed: BlobSwarm._on_failed, OriginFailed: BlobSwarm._on_origin_failed,
+    OriginDropped: BlobSwarm._on_origin_failed,
+    Tick: BlobSwarm._on_tick, Urgent: BlobSwarm._on_urgent, BlobCorrupt: BlobSwarm._on_corrupt,
+    UploadLine: BlobSwarm._on_line,
+}
