@@ -12,6 +12,7 @@ import pytest
 
 from p2pull.core.ratelimit import UploadSlots
 from simulations import chunk_engine, cli, fluid_engine, report
+from simulations.fluid_reference import ReferenceFluidEngine
 from simulations.bound import bound_of, kumar_ross
 from simulations.maxmin import max_min, progressive_filling
 from simulations.network import FlowNetwork
@@ -172,10 +173,48 @@ def test_fluid_engine_origin_only_takes_n_times_longer():
     assert result["origin_bytes"] == pytest.approx(8 * scenario.size)
 
 
-def test_fluid_engine_ten_thousand_nodes_in_under_a_second():
-    result = fluid_engine.run(load("lab", ["nodes.count=10000"]))
-    assert result["stats"]["wall_seconds"] < 1.0
-    assert all(node["seconds"] is not None for node in result["nodes"])
+@pytest.mark.parametrize("scenario_name, overrides", [
+    # three download links: the slowest fall off the frontier, the fastest catch up with it
+    ("lab", ['arrivals.mode="staggered"', "arrivals.interval=0.3", "nodes.count=100",
+             'origin.up="200Mbit"', 'nodes.groups=[{count=30, up="20Mbit", down="50Mbit"}, '
+             '{count=40, up="100Mbit", down="300Mbit"}, {count=30, up="5Mbit", down="150Mbit"}]']),
+    # a 20 Mbit/s node holds the frontier until a 50 Mbit/s one catches up, then falls
+    # behind ahead of the 20 Mbit/s nodes that came later (seed 1 starts with one)
+    ("lab", ["seed=1", 'arrivals.mode="staggered"', "arrivals.interval=0.2", "nodes.count=100",
+             'origin.up="200Mbit"', 'nodes.groups=[{count=80, up="100Mbit", down="20Mbit"}, '
+             '{count=20, up="100Mbit", down="50Mbit"}]']),
+    ("lab", ['arrivals.mode="staggered"', "arrivals.interval=0.5", "nodes.count=200",
+             'origin.up="20Mbit"']),
+    ("churn", ["nodes.count=400", 'origin.up="50Mbit"', "arrivals.abort_fraction=0.6",
+               "arrivals.interval=0.05"]),
+    ("churn", ["nodes.count=300", 'origin.up="500Mbit"', "arrivals.linger=inf",
+               'nodes.groups=[{count=150, up="20Mbit", down="80Mbit"}, '
+               '{count=150, up="60Mbit", down="400Mbit"}]']),
+    ("churn", ["strategy=origin-only"]),
+], ids=["three-links", "falls-behind", "origin-bound", "aborts", "two-links-stay",
+        "origin-only"])
+def test_fluid_engine_agrees_with_visiting_every_class_at_every_step(scenario_name, overrides):
+    scenario = load(scenario_name, overrides)
+    ours = fluid_engine.run(scenario)
+    reference = ReferenceFluidEngine(scenario).run()
+    finishes = [node["finish"] for node in ours["nodes"]]
+    expected = [node["finish"] for node in reference["nodes"]]
+    assert [f is None for f in finishes] == [f is None for f in expected]
+    assert any(f is not None for f in finishes)
+    assert [f for f in finishes if f is not None] == pytest.approx(
+        [f for f in expected if f is not None], rel=1e-9)
+    assert ours["origin_bytes"] == pytest.approx(reference["origin_bytes"], rel=1e-9)
+
+
+def test_fluid_engine_ten_thousand_staggered_nodes_each_take_the_download_time():
+    scenario = load("study-100", ["nodes.count=10000", 'arrivals.mode="staggered"',
+                                  'arrivals.interval="10ms"'])
+    result = fluid_engine.run(scenario)
+    assert result["stats"]["classes"] == 10000
+    # the origin and the swarm keep up with one arrival per 10 ms: each node is download-bound
+    download = scenario.size / scenario.node_links()[1][0]
+    assert [node["seconds"] for node in result["nodes"]] == pytest.approx([download] * 10000,
+                                                                          rel=1e-9)
 
 
 def test_fluid_engine_staggered_arrivals_finish_later_but_all_finish():
