@@ -181,13 +181,14 @@ class FluidEngine:
         arrived = 0
         limit = sc.time_limit or 20 * self.bound.t_min + 60
 
+        index_of = {id(c): i for i, c in enumerate(classes)}
+
         def finish(c: _Class) -> None:
             c.held = size
             c.finish = now
             if math.isfinite(c.leave_after):
                 heapq.heappush(leaving, (now + c.leave_after, index_of[id(c)], 0))
 
-        index_of = {id(c): i for i, c in enumerate(classes)}
         while now < limit:
             steps += 1
             while arrived < len(classes) and classes[arrived].arrival <= now:
