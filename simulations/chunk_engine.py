@@ -177,9 +177,18 @@ class ChunkEngine:
         self.ups, self.downs = sc.node_links()
         self.group_of = [g for g, group in enumerate(sc.groups) for _ in range(group.count)]
         self.rack = [i % sc.racks for i in range(n)]
+        #: what each node tells of its rack (None: nothing)
+        self.rack_labels = [f"rack-{r}" if sc.rack_labels else None for r in self.rack]
         if sc.uses_peers:
             self.graph = neighbour_graph(n, sc.neighbours, rng, self.rack,
                                          sc.same_rack_neighbours)
+            if sc.rack_labels:
+                # a swarm imports into its rack only the chunks it outranks its rack mates
+                # for, and waits for the others to appear there: it must see all its mates
+                # (the daemon, a full mesh, does)
+                mates = [range(rack, n, sc.racks) for rack in range(sc.racks)]  # i % racks
+                self.graph = [sorted(set(linked).union(mates[self.rack[i]]) - {i})
+                              for i, linked in enumerate(self.graph)]
         else:
             self.graph = [[] for _ in range(n)]
         # links: up 0..n-1, down n..2n-1, origin 2n, padding 2n+1, rack out, rack in
@@ -505,9 +514,10 @@ class ChunkEngine:
     def _on_arrive(self, node: int, _b, _c, now: float) -> None:
         self.present[node] = True
         liveness = self._liveness_of(node)
+        rack = self.rack_labels[node]
         self.swarms[node] = [
             BlobSwarm(digest, plan, self.names[node], Bitmap(plan.count), self.config,
-                      random.Random(self.rng.getrandbits(64)), liveness)
+                      random.Random(self.rng.getrandbits(64)), liveness, rack)
             for digest, plan in zip(self.blobs, self.plans)]
         linked = self._linked(node)
         for peer in linked:
@@ -566,7 +576,8 @@ class ChunkEngine:
         joined = self._joined[node]
         event = joined[blob]
         if event is None:
-            event = joined[blob] = PeerJoined(self.names[node], self.swarms[node][blob].held)
+            event = joined[blob] = PeerJoined(self.names[node], self.swarms[node][blob].held,
+                                              self.rack_labels[node])
         return event
 
     def _on_first_tick(self, node: int, _b, _c, now: float) -> None:

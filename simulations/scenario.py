@@ -117,9 +117,11 @@ class Scenario:
     #: 1 or less: the uplink is no constraint
     oversubscription: float
     #: share of each node's neighbours taken in its own rack (None: racks are ignored when
-    #: neighbours are drawn); the daemon has no rack label today, so this is what a rack-aware
-    #: discovery would give
+    #: neighbours are drawn): what a discovery that connects by rack would give
     same_rack_neighbours: float | None
+    #: every node knows its rack and tells it (the daemon's ``rack`` setting): its swarms
+    #: ask the peers of their rack for the chunks those hold
+    rack_labels: bool
     origin_up: float
     origin_rtt: float
     #: the daemon's origin_max_connections: a node streams origin chunks over its part of
@@ -214,6 +216,12 @@ def _unknown(table: dict, known: set[str], where: str) -> None:
         raise ValueError(f"unknown keys in [{where}]: {', '.join(sorted(extra))}")
 
 
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{where} must be true or false, not {value!r}")
+    return value
+
+
 def from_dict(data: dict[str, Any], name: str = "scenario") -> Scenario:
     """Build a Scenario from the parsed TOML (simulations/README.md, "Scenarios", lists every
     key). Raises ValueError on unknown keys or bad values."""
@@ -236,7 +244,7 @@ def from_dict(data: dict[str, Any], name: str = "scenario") -> Scenario:
                                                for g in groups):
         raise ValueError("nodes need a positive count and positive link rates")
     racks = _table(data, "racks")
-    _unknown(racks, {"count", "oversubscription", "same_rack_neighbours"}, "racks")
+    _unknown(racks, {"count", "oversubscription", "same_rack_neighbours", "labels"}, "racks")
     origin = _table(data, "origin")
     _unknown(origin, {"up", "rtt", "connections"}, "origin")
     arrivals = _table(data, "arrivals")
@@ -292,6 +300,7 @@ def from_dict(data: dict[str, Any], name: str = "scenario") -> Scenario:
         oversubscription=float(racks.get("oversubscription", 1.0)),
         same_rack_neighbours=(None if racks.get("same_rack_neighbours") is None
                               else float(racks["same_rack_neighbours"])),
+        rack_labels=_flag(racks.get("labels", False), "racks.labels"),
         origin_up=parse_rate(origin.get("up", default_rate)),
         origin_rtt=parse_time(origin.get("rtt", nodes.get("rtt", "0.5ms"))),
         origin_connections=int(origin.get("connections", 16)),

@@ -50,6 +50,13 @@ How chunks are sourced
 - Endgame: once every missing chunk is in flight, each free peer holding an in-flight chunk
   is asked for it too, up to ``endgame_duplicates`` sources per chunk; the first piece wins
   and the other requests are cancelled.
+- Racks: a swarm given a rack label (the daemon's ``rack`` setting; peers tell theirs in
+  ``PeerJoined``) asks a peer of another rack only for chunks no peer of its own rack holds,
+  and of those only the ones it *imports*: it outranks every peer of its rack in the chunk's
+  rendezvous weight, so each chunk crosses into a rack about once, and spreads inside it.
+  While it has no request out to another rack it may ask one for any chunk its rack lacks
+  (its rack mates may be slow to import theirs). Without a label, or with no peer of its
+  rack, nothing changes.
 
 Cost: an event costs O(1) big-int operations on chunk sets (ints, bit i = chunk i) plus what
 it changes; no event scans chunks x peers. A peer's bitmap joining or leaving costs O(its
@@ -179,10 +186,12 @@ class SwarmConfig:
 @dataclass(frozen=True, slots=True)
 class PeerJoined:
     """A peer interested in or holding this blob, with its bitmap (full: a seeder). Sent
-    again for a known peer, the bitmap replaces the one we had."""
+    again for a known peer, the bitmap replaces the one we had. ``rack``: the peer's rack
+    label, if it told one (a swarm with a rack of its own prefers the peers of its rack)."""
 
     peer: str
     bitmap: Bitmap
+    rack: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +340,7 @@ class _Peer:
 
     __slots__ = ("name", "key", "bits", "requested", "heard", "progressed", "member",
                  "backoff_until", "freed_at", "free", "holding", "rank", "fetcher",
-                 "in_line")
+                 "in_line", "near")
 
     def __init__(self, name: str, now: float):
         self.name = name
@@ -363,6 +372,8 @@ class _Peer:
         self.free = False
         #: has held some chunk since it joined: can be offered a chunk
         self.holding = False
+        #: in our rack: its chunks are not asked of peers outside it
+        self.near = False
 
 
 def receiving_from(swarms: Iterable[BlobSwarm]) -> int:
@@ -387,17 +398,19 @@ class BlobSwarm:
         "_peers", "_count", "_missing", "_rarity", "_queued", "_orphan_since",
         "_orphan_deadline", "_watched_by", "_now", "_acts", "_origin_count", "config",
         "_endgame", "_free_holding", "_urgent", "_rng", "_sourced", "_saturated", "_forced",
-        "_book", "_sources", "_freed", "_last_length", "plan", "_holders", "_seq", "_backoffs", "_deadlines", "_retries", "_origin", "_origin_queue",
+        "_book", "_sources", "_freed", "_last_length", "plan", "_holders", "_seq",
+        "_backoffs", "_deadlines", "_retries", "_origin", "_origin_queue",
         "_origin_asked", "_first_origin_fetch", "_origin_chunk_seconds",
         "_origin_piece_at", "_members",
         "_self_key", "_chunk_keys", "_helping", "_started", "_fetcher_peers",
         "_self_fetcher", "_self_rank", "_fetch_key", "_fetch_floor", "_in_line", "_lined",
-        "_moved", "_serving",
+        "_moved", "_serving", "_rack", "_near", "_near_peers", "_import", "_far_out",
         "_completed_sent", "_liveness", "_all", "blob", "node_id")
 
     def __init__(self, blob: str, plan: ChunkPlan, node_id: str, held: Bitmap,
                  config: SwarmConfig = SwarmConfig(), rng: random.Random | None = None,
-                 liveness: Callable[[str], tuple[float, float]] | None = None):
+                 liveness: Callable[[str], tuple[float, float]] | None = None,
+                 rack: str | None = None):
         count = plan.count
         if held.size != count:
             raise ValueError(f"bitmap of {held.size} chunks for a plan of {count}")
@@ -407,6 +420,14 @@ class BlobSwarm:
         self.config = config
         self._rng = rng if rng is not None else random.Random(0)
         self._liveness = liveness
+        #: our rack label (None: none); the peers of our rack ("near"), how many; the chunks
+        #: they hold, which we ask of them only; the chunks we import into the rack (we
+        #: outrank each near peer for them); our requests out to other racks' peers
+        self._rack = rack
+        self._near_peers = 0
+        self._near = 0
+        self._import = (1 << count) - 1
+        self._far_out = 0
         self._count = count
         self._last_length = plan.length(count - 1)
         self._all = (1 << count) - 1
@@ -512,6 +533,8 @@ class BlobSwarm:
                 if not bits:
                     self._now_holding(peer)
                 peer.bits = bits | bit
+                if peer.near:
+                    self._near |= bit
                 rarity = self._rarity
                 if not self._missing & bit:  # held: only the count matters
                     rarity.avail[index] += 1
@@ -702,6 +725,8 @@ class BlobSwarm:
         peer = self._peers.get(name)
         if peer is None:
             peer = self._add_peer(name, bits)
+            if self._rack is not None and event.rack == self._rack:
+                self._add_near(peer)
             if not bits:
                 return  # nothing to count, nothing to ask it for (a start: N^2 of these)
             self._add_bits(peer, bits)
@@ -755,6 +780,8 @@ class BlobSwarm:
                     if not peer.bits:
                         self._now_holding(peer)
                     peer.bits |= bit
+                    if peer.near:
+                        self._near |= bit
                     self._rarity.inc(index)
             if self._forced & bit:  # we want this one from the origin only
                 if peer is not None:
@@ -780,6 +807,8 @@ class BlobSwarm:
         bit = 1 << index
         if reason == "rejected" and peer.bits & bit:
             peer.bits ^= bit  # it does not serve that chunk: stop counting it as a holder
+            if peer.near:
+                self._count_near()
             if not self._rarity.dec(index) and self._rarity.wanted & bit:
                 self._orphaned(index)
         if reason in ("busy", "error"):
@@ -985,6 +1014,8 @@ class BlobSwarm:
         if bits and not peer.bits:
             self._now_holding(peer)
         peer.bits |= bits
+        if peer.near:
+            self._near |= bits
         rarity = self._rarity
         newly = bits & rarity.wanted & ~rarity.pickable
         rarity.add_holder(bits)
@@ -994,6 +1025,8 @@ class BlobSwarm:
 
     def _remove_bits(self, peer: _Peer, bits: int) -> None:
         peer.bits &= ~bits
+        if peer.near:
+            self._count_near()
         for index in set_bits(self._rarity.remove_holder(bits)):
             self._orphaned(index)
 
@@ -1015,7 +1048,12 @@ class BlobSwarm:
             if peer.fetcher:
                 promoted = self._replace_fetcher(peer)
         dropped = self._book.drop_peer(name)
+        if self._rack is not None and not peer.near:
+            self._far_out -= peer.requested.bit_count()
         bits, peer.bits, peer.requested = peer.bits, 0, 0
+        if peer.near:
+            self._near_peers -= 1
+            self._count_near()
         orphaned = self._rarity.remove_holder(bits)
         for request in dropped:
             if self._drop_source(request.index):
@@ -1025,6 +1063,37 @@ class BlobSwarm:
         self._decide_again(name)
         if promoted is not False:
             self._promoted(promoted)
+
+    def _add_near(self, peer: _Peer) -> None:
+        """``peer``, just joined, is in our rack: the chunks it outranks us for are its to
+        import, not ours (O(chunks) hashes, once per near peer)."""
+        peer.near = True
+        self._near_peers += 1
+        self._import &= ~self._imported_by(peer)
+
+    def _imported_by(self, peer: _Peer) -> int:
+        """The chunks ``peer`` outranks us for by rendezvous weight (ties: the greater
+        name), which it imports into our rack rather than we."""
+        key, mine = peer.key, self._self_key
+        later = peer.name > self.node_id
+        imported = 0
+        for index in range(self._count):
+            chunk = self._chunk_key(index)
+            theirs, ours = xxh3_64_intdigest(key, chunk), xxh3_64_intdigest(mine, chunk)
+            if theirs > ours or (theirs == ours and later):
+                imported |= 1 << index
+        return imported
+
+    def _count_near(self) -> None:
+        """``_near`` and ``_import`` anew, after a near peer lost chunks or left (rare)."""
+        near = 0
+        imported = self._all
+        for peer in self._peers.values():
+            if peer.near:
+                near |= peer.bits
+                imported &= ~self._imported_by(peer)
+        self._near = near
+        self._import = imported
 
     def _decide_again(self, name: str) -> None:
         """The orphans we wait on ``name`` for are decided again (it left or stopped being
@@ -1092,8 +1161,13 @@ class BlobSwarm:
     def _fill(self, peer: _Peer) -> None:
         """Give ``peer`` requests while it has free pipeline slots and chunks we want."""
         rarity = self._rarity
+        far = self._near_peers and not peer.near
         while peer.free:
             candidates = peer.bits & rarity.pickable
+            if far:
+                lacking = candidates & ~self._near  # not in our rack yet
+                ours = lacking & self._import
+                candidates = ours if ours or self._far_out else lacking
             if candidates:
                 index = pick(candidates, rarity, self._urgent, self._rng)
             elif self._lined and self._move_from_line(peer):
@@ -1140,6 +1214,8 @@ class BlobSwarm:
         if not peer.requested and not peer.in_line:
             self._serving += 1
         peer.requested |= 1 << index
+        if self._rack is not None and not peer.near:
+            self._far_out += 1
         if book.outstanding(name) >= book.pipeline_depth:
             peer.free = False
             self._free_holding.pop(name, None)
@@ -1167,6 +1243,8 @@ class BlobSwarm:
         bit = 1 << index
         if peer.requested & bit:
             peer.requested ^= bit
+            if self._rack is not None and not peer.near:
+                self._far_out -= 1
             if not peer.requested and not peer.in_line:
                 self._serving -= 1
         book = self._book
