@@ -320,6 +320,18 @@ def test_oversubscribed_racks_slow_the_swarm_down():
         1.2 * max(n["seconds"] for n in free["nodes"])
 
 
+def test_rack_labels_let_each_chunk_cross_into_a_rack_about_once():
+    # 8:1 uplinks: without labels every node asks any peer, and a rack's uplink carries many
+    # copies of each chunk; with them a node asks other racks only for what it imports
+    base = ["nodes.count=16", "racks.count=4", 'artifact.size="32MiB"',
+            "racks.oversubscription=8"]
+    blind = chunk_engine.run(load("racks", base))
+    aware = chunk_engine.run(load("racks", base + ["racks.labels=true"]))
+    assert max(n["seconds"] for n in aware["nodes"]) < \
+        0.5 * max(n["seconds"] for n in blind["nodes"])
+    assert aware["origin_bytes"] == aware["size_bytes"]
+
+
 def test_knowing_the_fetchers_decides_as_knowing_everyone():
     # 40 nodes with 4 neighbours each, 2 origin fetchers: a node that knows its neighbours
     # and the fetchers (and 16 spares) makes every decision it makes knowing all 39

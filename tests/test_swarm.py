@@ -31,7 +31,7 @@ def plan(chunks: int) -> ChunkPlan:
 
 
 def swarm(chunks: int = 10, node: str = "me", held: set[int] = frozenset(),
-          seed: int = 0, **config) -> BlobSwarm:
+          seed: int = 0, rack: str | None = None, **config) -> BlobSwarm:
     bitmap = Bitmap(chunks)
     for index in held:
         bitmap.add(index)
@@ -40,7 +40,7 @@ def swarm(chunks: int = 10, node: str = "me", held: set[int] = frozenset(),
     config.setdefault("shared_pipeline_depth",
                       config.get("pipeline_depth", SwarmConfig.pipeline_depth))
     return BlobSwarm(BLOB, plan(chunks), node, bitmap, SwarmConfig(**config),
-                     random.Random(seed))
+                     random.Random(seed), rack=rack)
 
 
 def full(chunks: int) -> Bitmap:
@@ -901,6 +901,75 @@ def test_rejoin_replaces_the_bitmap():
     assert [s.availability(i) for i in range(4)] == [0, 1, 1, 0]
     s.handle(PeerLeft("a"), 0.0)
     assert [s.availability(i) for i in range(4)] == [0, 0, 0, 0]
+
+
+# -- racks ------------------------------------------------------------------------------------
+
+
+def asked_of(actions, peer: str) -> set[int]:
+    return {index for name, index in requests(actions) if name == peer}
+
+
+def test_rack_mates_split_what_they_import_from_other_racks():
+    """Each chunk crosses into the rack once: two mates facing the same seeder in another
+    rack ask it for disjoint halves that together make the blob."""
+    imported = []
+    for me, mate in (("node-a", "node-b"), ("node-b", "node-a")):
+        s = swarm(40, node=me, rack="r1", pipeline_depth=64)
+        s.handle(PeerJoined(mate, Bitmap(40), "r1"), 0.0)
+        imported.append(asked_of(s.handle(PeerJoined("seed", full(40), "r2"), 0.0), "seed"))
+    assert imported[0] and imported[1]
+    assert not imported[0] & imported[1]
+    assert imported[0] | imported[1] == set(range(40))
+
+
+def test_chunks_a_rack_mate_holds_are_asked_of_it_not_of_other_racks():
+    # 0-9 are the rarest (the mate and one seed hold them), which the seed would be asked
+    # for first; but the mate is in our rack, and its two pipeline slots are taken
+    s = swarm(20, rack="r1", pipeline_depth=2)
+    for name in ("far-1", "far-2"):
+        s.handle(PeerJoined(name, bits(20, range(10, 20)), "r2"), 0.0)
+    s.handle(PeerJoined("mate", bits(20, range(10)), "r1"), 0.0)
+    asked = s.handle(PeerJoined("seed", full(20), "r2"), 0.0)
+    assert sum(len(s.book.peers_for(i)) for i in range(10)) == 2  # the mate's two
+    assert asked_of(asked, "seed") and asked_of(asked, "seed") <= set(range(10, 20))
+
+
+def test_with_nothing_out_to_other_racks_one_chunk_a_mate_imports_is_asked():
+    """Rack mates may be slow to import their share: a node with no request out to another
+    rack asks it for one chunk its rack lacks, one at a time."""
+    def with_mate() -> BlobSwarm:
+        s = swarm(30, node="node-a", rack="r1", pipeline_depth=64)
+        s.handle(PeerJoined("node-b", Bitmap(30), "r1"), 0.0)
+        return s
+    mine = asked_of(with_mate().handle(PeerJoined("seed", full(30), "r2"), 0.0), "seed")
+    theirs = set(range(30)) - mine  # what node-b imports
+    s = with_mate()
+    first = asked_of(s.handle(PeerJoined("seed", bits(30, theirs), "r2"), 0.0), "seed")
+    assert len(first) == 1 and first <= theirs
+    index = first.pop()
+    second = asked_of(s.handle(PieceVerified("seed", index, CHUNK), 0.5), "seed")
+    assert len(second) == 1 and second <= theirs - {index}
+
+
+def test_a_rack_mate_leaving_hands_its_imports_back():
+    def imports(mates: list[str], leaving: list[str] = []) -> set[int]:
+        s = swarm(60, rack="r1", pipeline_depth=64)
+        for mate in mates:
+            s.handle(PeerJoined(mate, Bitmap(60), "r1"), 0.0)
+        for mate in leaving:
+            s.handle(PeerLeft(mate), 0.1)
+        return asked_of(s.handle(PeerJoined("seed", full(60), "r2"), 0.2), "seed")
+    assert imports(["mate-1", "mate-2"], leaving=["mate-2"]) == imports(["mate-1"])
+    assert imports(["mate-1", "mate-2"]) < imports(["mate-1"])
+    assert imports(["mate-1"], leaving=["mate-1"]) == set(range(60))
+
+
+def test_without_a_rack_of_its_own_a_swarm_ignores_the_peers_racks():
+    s = swarm(30, pipeline_depth=64)
+    s.handle(PeerJoined("mate", Bitmap(30), "r1"), 0.0)
+    assert asked_of(s.handle(PeerJoined("seed", full(30), "r2"), 0.0), "seed") == \
+        set(range(30))
 
 
 # -- random event sequences keep the invariants ---------------------------------------------
