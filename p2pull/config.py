@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Mapping
 
 from p2pull.errors import UsageError
+from p2pull.wire.messages import RACK_LABEL
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,10 @@ class Config:
     #: TCP congestion control of peer links (e.g. "cubic", "reno"), or None for the
     #: system's default
     peer_tcp_congestion: str | None = None
+    #: this node's rack (or zone) label, or None: a node asks the peers of other racks only
+    #: for chunks no peer of its rack holds, and of those only its share, so that each
+    #: chunk crosses a rack's uplink about once (peers tell their labels in the handshake)
+    rack: str | None = None
     #: per-registry credentials and mirrors
     registries: Mapping[str, RegistryConfig] = field(default_factory=dict)
 
@@ -147,6 +152,12 @@ def _when_busy(value: str) -> str:
     return value
 
 
+def _rack(value: str) -> str | None:
+    if not RACK_LABEL.fullmatch(str(value)):
+        raise UsageError("a rack label is up to 63 letters, digits, '.', '_' or '-'")
+    return str(value) or None
+
+
 def _chunk_size(value: str | int) -> int | None:
     if value in ("auto", "", None):
         return None
@@ -180,6 +191,7 @@ _KEYS = {
     "download_rate": ("P2PULL_DOWNLOAD_RATE", lambda value: parse_size(value) or None),
     "peer_timeout": ("P2PULL_PEER_TIMEOUT", float),
     "peer_tcp_congestion": ("P2PULL_PEER_TCP_CONGESTION", lambda value: str(value) or None),
+    "rack": ("P2PULL_RACK", _rack),
 }
 
 

@@ -129,6 +129,7 @@ ENV_SAMPLES = {
     "download_rate": ("2MB", 2 * 10**6),
     "peer_timeout": ("2.5", 2.5),
     "peer_tcp_congestion": ("cubic", "cubic"),
+    "rack": ("row-3.rack_12", "row-3.rack_12"),
 }
 
 
@@ -307,3 +308,14 @@ def test_an_empty_environment_variable_counts_as_unset(tmp_path):
     config = load_config(env={"P2PULL_DATA_DIR": "", "P2PULL_CLUSTER": " "})
     assert config.data_dir == default_data_dir()
     assert config.cluster == "default"
+
+
+@pytest.mark.parametrize("label", ["two words", "a/b", "x" * 64, "rück"])
+def test_a_rack_label_people_could_not_type_into_a_hello_is_refused(label):
+    with pytest.raises(UsageError, match="rack label"):
+        load_config(env={"P2PULL_RACK": label})
+
+
+def test_an_empty_rack_label_is_none(tmp_path):
+    assert load_config(write(tmp_path, 'rack = ""\n'), env={}).rack is None
+    assert load_config(write(tmp_path, 'rack = "r7"\n'), env={}).rack == "r7"

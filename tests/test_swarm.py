@@ -935,9 +935,9 @@ def test_chunks_a_rack_mate_holds_are_asked_of_it_not_of_other_racks():
     assert asked_of(asked, "seed") and asked_of(asked, "seed") <= set(range(10, 20))
 
 
-def test_with_nothing_out_to_other_racks_one_chunk_a_mate_imports_is_asked():
-    """Rack mates may be slow to import their share: a node with no request out to another
-    rack asks it for one chunk its rack lacks, one at a time."""
+def test_with_nothing_coming_in_one_chunk_a_mate_imports_is_asked_of_another_rack():
+    """Rack mates may be slow to import their share: a node with nothing coming in asks
+    another rack for one chunk its rack lacks, one at a time, and not before."""
     def with_mate() -> BlobSwarm:
         s = swarm(30, node="node-a", rack="r1", pipeline_depth=64)
         s.handle(PeerJoined("node-b", Bitmap(30), "r1"), 0.0)
@@ -945,11 +945,15 @@ def test_with_nothing_out_to_other_racks_one_chunk_a_mate_imports_is_asked():
     mine = asked_of(with_mate().handle(PeerJoined("seed", full(30), "r2"), 0.0), "seed")
     theirs = set(range(30)) - mine  # what node-b imports
     s = with_mate()
-    first = asked_of(s.handle(PeerJoined("seed", bits(30, theirs), "r2"), 0.0), "seed")
-    assert len(first) == 1 and first <= theirs
+    got = min(theirs)  # node-b brought one in: it is asked for it
+    assert asked_of(s.handle(PeerHave("node-b", got), 0.1), "node-b") == {got}
+    # a seed in another rack holding only node-b's share: nothing for us while one comes in
+    assert s.handle(PeerJoined("seed", bits(30, theirs - {got}), "r2"), 0.2) == []
+    first = asked_of(s.handle(PieceVerified("node-b", got, CHUNK), 0.3), "seed")
+    assert len(first) == 1 and first <= theirs - {got}
     index = first.pop()
     second = asked_of(s.handle(PieceVerified("seed", index, CHUNK), 0.5), "seed")
-    assert len(second) == 1 and second <= theirs - {index}
+    assert len(second) == 1 and second <= theirs - {got, index}
 
 
 def test_a_rack_mate_leaving_hands_its_imports_back():

@@ -107,6 +107,34 @@ def test_four_daemons_pull_one_model_at_once(origin, cluster, tmp_path):
     assert {p["node_id"] for p in peers} == {d.node_id for d in daemons[1:]}
 
 
+@pytest.mark.parametrize("labelled", [True, False], ids=["racks", "no-racks"])
+def test_rack_mates_split_what_crosses_into_their_rack(origin, cluster, tmp_path, labelled):
+    """Two daemons of rack r2 pull from a seeder in rack r1 (the handshake tells each its
+    peers' racks): each asks the seeder only for the chunks it outranks its mate for, about
+    half, and takes the rest from the mate; without labels each takes nearly all of it
+    from the seeder."""
+    # the seeder's upload is capped, as a rack's uplink would be, so that both mates are in
+    # the swarm before much has moved
+    seeder, = cluster.add(1, env={"P2PULL_UPLOAD_RATE": "20MB",
+                                  **({"P2PULL_RACK": "r1"} if labelled else {})})
+    mates = cluster.add(2, env={"P2PULL_RACK": "r2"} if labelled else None)
+    cluster.start_all()
+    cluster.wait_for_mesh()
+    ref = f"{origin.host}/{REPOSITORY}"
+    seeder.finish_get(seeder.start_get(ref, tmp_path / "seed"), GET_TIMEOUT)
+    gets = [mate.start_get(ref, tmp_path / f"mate{i}") for i, mate in enumerate(mates)]
+    for i, (mate, get) in enumerate(zip(mates, gets)):
+        mate.finish_get(get, GET_TIMEOUT)
+        assert_same_files(tmp_path / f"mate{i}", MODEL)
+    from_seeder = [next(p["bytes_in"] for p in mate.cli_json("peers")
+                        if p["node_id"] == seeder.node_id) for mate in mates]
+    shares = [received / MODEL_SIZE for received in from_seeder]
+    if labelled:  # measured: 0.51-0.67 each, 1.15-1.24 together (a mate starts alone)
+        assert max(shares) < 0.8 and sum(shares) < 1.4, shares
+    else:  # measured: 0.96-1.0 each
+        assert sum(shares) > 1.6, shares
+
+
 def test_a_daemon_killed_mid_pull_resumes_and_the_others_finish(origin, cluster, tmp_path):
     """SIGKILL one of four daemons once it holds a fifth of the model: the other three
     finish correctly; restarted on the same data dir, it resumes from what it held and

@@ -47,6 +47,7 @@ from p2pull.wire import (
     encode,
     proof,
 )
+from p2pull.wire.messages import RACK_LABEL, to_header
 from tests.wire_pair import (
     CHALLENGE_A,
     CHALLENGE_B,
@@ -140,7 +141,7 @@ node_ids = st.binary(min_size=16, max_size=16).map(bytes.hex)
 ALL_MESSAGES = SESSION_MESSAGES | {
     "hello": st.builds(Hello, st.integers(0, 2**16 - 1), node_ids,
                        st.text(min_size=1, max_size=16), st.binary(min_size=32, max_size=32),
-                       st.integers(0, 65535)),
+                       st.integers(0, 65535), st.from_regex(RACK_LABEL, fullmatch=True)),
     "auth": st.builds(Auth, st.binary(min_size=32, max_size=32)),
 }
 #: what may flow in any order (a Goodbye only ends a stream)
@@ -159,6 +160,32 @@ def test_handshake_verifies_both_sides():
     for conn in pair.conn.values():
         assert conn.established
         assert conn.our_state is State.OPEN and conn.their_state is State.OPEN
+
+
+def test_each_side_learns_the_rack_the_other_said_it_is_in():
+    pair = ConnectionPair(racks=("row-1.rack-3", ""))
+    events = pair.handshake()
+    assert events == {"a": [PeerVerified(NODE_B, CLUSTER, 7002, "")],
+                      "b": [PeerVerified(NODE_A, CLUSTER, 7001, "row-1.rack-3")]}
+
+
+def test_a_hello_without_a_rack_is_a_peer_of_no_rack():
+    """An older peer's Hello has no rack field: it is a peer of no rack, not a bad Hello."""
+    conn = started()
+    header = to_header(Hello(PROTOCOL_VERSION, NODE_B, CLUSTER, CHALLENGE_B, 7002, "r1"))
+    del header["rack"]
+    conn.receive_data(frame(header) + peer_auth())
+    assert conn.next_event() == PeerVerified(NODE_B, CLUSTER, 7002, "")
+
+
+@pytest.mark.parametrize("rack", ["two words", "x" * 64, 7])
+def test_a_hello_with_a_bad_rack_is_refused(rack):
+    conn = started()
+    header = to_header(Hello(PROTOCOL_VERSION, NODE_B, CLUSTER, CHALLENGE_B, 7002))
+    header["rack"] = rack
+    conn.receive_data(frame(header))
+    with pytest.raises(RemoteProtocolError, match="rack"):
+        conn.next_event()
 
 
 def test_handshake_byte_by_byte():

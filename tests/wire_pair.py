@@ -34,12 +34,12 @@ class ConnectionPair:
                  clusters: tuple[str, str] = (CLUSTER, CLUSTER),
                  nodes: tuple[str, str] = (NODE_A, NODE_B),
                  ports: tuple[int, int] = (7001, 7002), allocate: tuple = (None, None),
-                 split: Split = whole):
+                 racks: tuple[str, str] = ("", ""), split: Split = whole):
         self.conn = {
             "a": PeerConnection(nodes[0], clusters[0], secrets[0], CHALLENGE_A, ports[0],
-                                allocate=allocate[0]),
+                                allocate=allocate[0], rack=racks[0]),
             "b": PeerConnection(nodes[1], clusters[1], secrets[1], CHALLENGE_B, ports[1],
-                                allocate=allocate[1]),
+                                allocate=allocate[1], rack=racks[1]),
         }
         self.split = split
         #: bytes each side sent that the other has not received yet

@@ -404,7 +404,7 @@ class BlobSwarm:
         "_origin_piece_at", "_members",
         "_self_key", "_chunk_keys", "_helping", "_started", "_fetcher_peers",
         "_self_fetcher", "_self_rank", "_fetch_key", "_fetch_floor", "_in_line", "_lined",
-        "_moved", "_serving", "_rack", "_near", "_near_peers", "_import", "_far_out",
+        "_moved", "_serving", "_rack", "_near", "_near_peers", "_import",
         "_completed_sent", "_liveness", "_all", "blob", "node_id")
 
     def __init__(self, blob: str, plan: ChunkPlan, node_id: str, held: Bitmap,
@@ -422,12 +422,11 @@ class BlobSwarm:
         self._liveness = liveness
         #: our rack label (None: none); the peers of our rack ("near"), how many; the chunks
         #: they hold, which we ask of them only; the chunks we import into the rack (we
-        #: outrank each near peer for them); our requests out to other racks' peers
+        #: outrank each near peer for them)
         self._rack = rack
         self._near_peers = 0
         self._near = 0
         self._import = (1 << count) - 1
-        self._far_out = 0
         self._count = count
         self._last_length = plan.length(count - 1)
         self._all = (1 << count) - 1
@@ -565,7 +564,10 @@ class BlobSwarm:
             handler = _HANDLERS.get(kind)
             if handler is None:
                 raise TypeError(f"not a swarm event: {event!r}")
+            sourced = self._sourced
             handler(self, event)
+            if sourced and not self._sourced and self._near_peers and self._missing:
+                self._fill_far()
         if self._queued and self._origin_count < self.config.max_origin_in_flight:
             self._pump_origin()
         if self._missing and not self._rarity.wanted:
@@ -1048,8 +1050,6 @@ class BlobSwarm:
             if peer.fetcher:
                 promoted = self._replace_fetcher(peer)
         dropped = self._book.drop_peer(name)
-        if self._rack is not None and not peer.near:
-            self._far_out -= peer.requested.bit_count()
         bits, peer.bits, peer.requested = peer.bits, 0, 0
         if peer.near:
             self._near_peers -= 1
@@ -1083,6 +1083,14 @@ class BlobSwarm:
             if theirs > ours or (theirs == ours and later):
                 imported |= 1 << index
         return imported
+
+    def _fill_far(self) -> None:
+        """Nothing is coming in any more: the free peers of other racks may be asked for
+        chunks our rack lacks that are not ours to import (our rack mates may be slow with
+        them), as ``_fill`` allows while nothing is sourced."""
+        for peer in sorted(self._free_holding.values(), key=_freed_at):
+            if not peer.near:
+                self._fill(peer)
 
     def _count_near(self) -> None:
         """``_near`` and ``_import`` anew, after a near peer lost chunks or left (rare)."""
@@ -1167,7 +1175,7 @@ class BlobSwarm:
             if far:
                 lacking = candidates & ~self._near  # not in our rack yet
                 ours = lacking & self._import
-                candidates = ours if ours or self._far_out else lacking
+                candidates = ours if ours or self._sourced else lacking
             if candidates:
                 index = pick(candidates, rarity, self._urgent, self._rng)
             elif self._lined and self._move_from_line(peer):
@@ -1214,8 +1222,6 @@ class BlobSwarm:
         if not peer.requested and not peer.in_line:
             self._serving += 1
         peer.requested |= 1 << index
-        if self._rack is not None and not peer.near:
-            self._far_out += 1
         if book.outstanding(name) >= book.pipeline_depth:
             peer.free = False
             self._free_holding.pop(name, None)
@@ -1243,8 +1249,6 @@ class BlobSwarm:
         bit = 1 << index
         if peer.requested & bit:
             peer.requested ^= bit
-            if self._rack is not None and not peer.near:
-                self._far_out -= 1
             if not peer.requested and not peer.in_line:
                 self._serving -= 1
         book = self._book

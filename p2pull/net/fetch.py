@@ -225,7 +225,8 @@ class BlobSession:
                  swarm_config: SwarmConfig | None = None, rng: random.Random | None = None,
                  download_bucket: TokenBucket | None = None,
                  write_slots: trio.Semaphore | None = None,
-                 release_payload: Callable[[memoryview], None] = lambda payload: None):
+                 release_payload: Callable[[memoryview], None] = lambda payload: None,
+                 rack: str | None = None):
         self.store = store
         self.ref = ref
         self.descriptor = descriptor
@@ -236,6 +237,8 @@ class BlobSession:
         self.messenger = messenger or NoPeers()
         self.swarm_config = swarm_config or SwarmConfig(max_origin_in_flight=MAX_ORIGIN_CHUNKS)
         self.rng = rng or random.Random()
+        #: our rack label: the swarm asks other racks' peers only for what it imports
+        self.rack = rack
         self.download_bucket = download_bucket or TokenBucket(None, 0)
         self.partial: PartialBlob | None = None
         self.swarm: BlobSwarm | None = None
@@ -288,7 +291,7 @@ class BlobSession:
         self.progress.held = self.progress.reused = sum(
             self.plan.length(i) for i in self.partial.bitmap.held())
         self.swarm = BlobSwarm(self.digest, self.plan, self.node_id, self.partial.bitmap,
-                               self.swarm_config, self.rng)
+                               self.swarm_config, self.rng, rack=self.rack)
         if not self.swarm.complete:
             self.progress.state = "fetching"
             # before any peer joins, so that its first requests are in order too; how many

@@ -157,6 +157,8 @@ class PeerLink:
     conn: PeerConnection
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     send_lock: trio.Lock = field(default_factory=trio.Lock)
+    #: the rack it said it is in (its Hello), or None
+    rack: str | None = None
     #: blobs the peer told us it wants (Interest)
     interested: set[str] = field(default_factory=set)
     #: blobs for which the peer's bitmap joined our session
@@ -340,7 +342,7 @@ class Node:
                           self.config.chunk_size, node_id=self.node_id, messenger=self,
                           swarm_config=self.swarm_config, rng=self.rng,
                           download_bucket=self.download_bucket, write_slots=self.write_slots,
-                          release_payload=self.payload_pool.release)
+                          release_payload=self.payload_pool.release, rack=self.config.rack)
 
     async def _tick(self) -> None:
         while True:
@@ -395,12 +397,13 @@ class Node:
                         dialed: tuple[str, int] | None = None) -> None:
         conn = PeerConnection(self.node_id, self.config.cluster, self.secret,
                               os.urandom(32), self.listen_port,
-                              allocate=self.payload_pool.allocate)
+                              allocate=self.payload_pool.allocate, rack=self.config.rack or "")
         link = None
         self._tune_peer_socket(stream)
         try:
             verified, pending = await self._handshake(stream, conn)
-            link = PeerLink(verified.node_id, host, verified.listen_port, outbound, stream, conn)
+            link = PeerLink(verified.node_id, host, verified.listen_port, outbound, stream, conn,
+                            rack=verified.rack or None)
             if not self._register(link):
                 return
             with link.scope:
@@ -600,7 +603,7 @@ class Node:
                     raise ProtocolError(f"bitmap of {event.count} chunks for {event.blob}, "
                                         f"which has {session.plan.count}")
                 link.joined.add(event.blob)
-                session.apply(PeerJoined(peer, Bitmap(event.count, event.bits)))
+                session.apply(PeerJoined(peer, Bitmap(event.count, event.bits), link.rack))
         elif isinstance(event, Interest):
             link.interested.add(event.blob)
             bitmap = self._bitmap_of(event.blob)

@@ -24,6 +24,7 @@ import msgpack
 from p2pull.errors import LocalProtocolError, RemoteProtocolError
 from p2pull.wire.messages import (
     HEADER_FIELDS,
+    OPTIONAL_FIELDS,
     MAX_CHUNKS_PER_BLOB,
     MAX_CLUSTER,
     MAX_PAYLOAD,
@@ -117,9 +118,10 @@ def decode_header(header: object) -> tuple[Message, int]:
         raise RemoteProtocolError(f"unknown message type {kind!r}"[:200])
     values = {}
     for name in HEADER_FIELDS[cls]:
-        if name not in header:
+        if name in header:
+            values[name] = header[name]
+        elif name not in OPTIONAL_FIELDS[cls]:
             raise RemoteProtocolError(f"{kind} header without {name!r}")
-        values[name] = header[name]
     size = 0
     if cls is Piece:
         size = header.get("n")

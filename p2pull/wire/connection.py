@@ -121,11 +121,12 @@ class PeerConnection:
 
     def __init__(self, node_id: str, cluster: str, secret: bytes, challenge: bytes,
                  listen_port: int, *,
-                 allocate: Callable[[int], bytearray | memoryview] | None = None):
+                 allocate: Callable[[int], bytearray | memoryview] | None = None,
+                 rack: str = ""):
         if not isinstance(secret, (bytes, bytearray)) or not secret:
             raise ValueError("the cluster secret must be non-empty bytes")
         self._secret = bytes(secret)
-        self._hello = Hello(PROTOCOL_VERSION, node_id, cluster, challenge, listen_port)
+        self._hello = Hello(PROTOCOL_VERSION, node_id, cluster, challenge, listen_port, rack)
         self._decoder = FrameDecoder(allocate)
         self._outgoing = bytearray()
         self._error: ProtocolError | None = None
@@ -257,7 +258,8 @@ class PeerConnection:
                                           f"its cluster secret differs from ours")
             self._transition(THEM, Auth)
             self._transition(US, PeerVerified)
-            return PeerVerified(self.peer.node_id, self.peer.cluster, self.peer.listen_port)
+            return PeerVerified(self.peer.node_id, self.peer.cluster, self.peer.listen_port,
+                                self.peer.rack)
         self._transition(THEM, kind)
         return message
 

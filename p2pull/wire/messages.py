@@ -14,7 +14,7 @@ Hello gates everything else.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar
 
 from p2pull.errors import LocalProtocolError
@@ -47,6 +47,8 @@ REJECT_REASONS = frozenset({"busy", "missing", "unknown-blob"})
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _NODE_ID = re.compile(r"[0-9a-f]{32}")
+#: a rack label (the ``rack`` setting): what people name racks and zones with, or "" for none
+RACK_LABEL = re.compile(r"[A-Za-z0-9._-]{0,63}")
 
 
 # -- field checks: each raises LocalProtocolError naming the message and the field --------
@@ -122,6 +124,9 @@ class Hello(Message):
     challenge: bytes
     #: where the sender accepts peer connections (0: it accepts none)
     listen_port: int
+    #: the sender's rack label ("": none); optional in the header, so that a peer that
+    #: sends none (an older one) is a peer of no rack
+    rack: str = ""
 
     def __post_init__(self):
         _check_int(self, "version", 0, 2**16 - 1)
@@ -131,6 +136,7 @@ class Hello(Message):
             raise _fail(self, "cluster", "is empty")
         _check_bytes(self, "challenge", CHALLENGE_SIZE)
         _check_int(self, "listen_port", 0, 65535)
+        _check_text(self, "rack", pattern=RACK_LABEL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,6 +376,11 @@ HEADER_FIELDS: dict[type[Message], tuple[str, ...]] = {
     cls: tuple(field.name for field in fields(cls) if field.name != "payload")
     for cls in MESSAGE_TYPES.values()
 }
+#: the fields a header may leave out (they have a default): added to the protocol later
+OPTIONAL_FIELDS: dict[type[Message], frozenset[str]] = {
+    cls: frozenset(field.name for field in fields(cls) if field.default is not MISSING)
+    for cls in MESSAGE_TYPES.values()
+}
 
 
 # -- events a connection reports besides the messages it receives ---------------------------
@@ -383,6 +394,7 @@ class PeerVerified:
     node_id: str
     cluster: str
     listen_port: int
+    rack: str = ""
 
 
 @dataclass(frozen=True, slots=True)
