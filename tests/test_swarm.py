@@ -956,6 +956,18 @@ def test_with_nothing_coming_in_one_chunk_a_mate_imports_is_asked_of_another_rac
     assert len(second) == 1 and second <= theirs - {got, index}
 
 
+def test_a_chunk_waiting_in_a_rack_mate_s_line_stays_there():
+    """A request waiting in a busy holder's line moves to a free holder, but not from our
+    rack to another: the chunk would cross the uplink that the rack already has it for."""
+    def moved(rack: str | None) -> list:
+        s = swarm(1, rack=rack)
+        assert asked_of(s.handle(PeerJoined("mate", full(1), "r1"), 0.0), "mate") == {0}
+        s.handle(UploadLine("mate", True), 0.1)
+        return of(s.handle(PeerJoined("seed", full(1), "r2"), 0.2), SendCancel)
+    assert moved(rack="r1") == []
+    assert moved(rack=None) == [SendCancel("mate", 0)]  # without racks it moves
+
+
 def test_a_rack_mate_leaving_hands_its_imports_back():
     def imports(mates: list[str], leaving: list[str] = []) -> set[int]:
         s = swarm(60, rack="r1", pipeline_depth=64)

@@ -1169,7 +1169,8 @@ class BlobSwarm:
     def _fill(self, peer: _Peer) -> None:
         """Give ``peer`` requests while it has free pipeline slots and chunks we want."""
         rarity = self._rarity
-        far = self._near_peers and not peer.near
+        # a peer of another rack is asked for nothing our rack holds, in any of the ways
+        far = self._near_peers > 0 and not peer.near
         while peer.free:
             candidates = peer.bits & rarity.pickable
             if far:
@@ -1178,11 +1179,13 @@ class BlobSwarm:
                 candidates = ours if ours or self._sourced else lacking
             if candidates:
                 index = pick(candidates, rarity, self._urgent, self._rng)
-            elif self._lined and self._move_from_line(peer):
+            elif self._lined and self._move_from_line(peer, far):
                 continue
             elif self._missing and not rarity.wanted:  # endgame
                 candidates = peer.bits & self._sourced & ~self._saturated & \
                     ~peer.requested & ~self._forced
+                if far:
+                    candidates &= ~self._near
                 if not candidates:
                     return
                 index = pick_duplicate(candidates, self._sources, self._urgent, self._rng)
@@ -1190,10 +1193,13 @@ class BlobSwarm:
                 return
             self._request(peer, index)
 
-    def _move_from_line(self, peer: _Peer) -> bool:
+    def _move_from_line(self, peer: _Peer, far: bool) -> bool:
         """Free ``peer`` has nothing we want that is not asked for: if it holds a chunk
-        whose requests all wait in lines, ask it instead and cancel those. True if so."""
+        whose requests all wait in lines, ask it instead and cancel those. True if so.
+        ``far``: it is in another rack, and may take no chunk our rack holds."""
         candidates = peer.bits & self._lined & ~peer.requested & ~self._forced & ~self._moved
+        if far:
+            candidates &= ~self._near
         book, peers = self._book, self._peers
         while candidates:
             low = candidates & -candidates
