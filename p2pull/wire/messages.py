@@ -8,7 +8,8 @@ the decoder turns that into RemoteProtocolError at the receive boundary (h11's m
 On the wire a message is a msgpack map of its fields plus ``"t"``, its type name; a Piece
 carries ``"n"`` (the payload's length) instead of its payload, which follows the map raw.
 Keys a message does not know are ignored, so a later version may add fields; the version in
-Hello gates everything else.
+Hello gates everything else. A field with a default (Hello's ``rack``) may be left out: it
+was added without a new version, and a peer that sends none means the default.
 """
 
 from __future__ import annotations
