@@ -404,7 +404,7 @@ class BlobSwarm:
         "_origin_piece_at", "_members",
         "_self_key", "_chunk_keys", "_helping", "_started", "_fetcher_peers",
         "_self_fetcher", "_self_rank", "_fetch_key", "_fetch_floor", "_in_line", "_lined",
-        "_moved", "_serving", "_rack", "_near", "_near_peers", "_import",
+        "_moved", "_serving", "_rack", "_near", "_near_peers", "_import", "_own_weights",
         "_completed_sent", "_liveness", "_all", "blob", "node_id")
 
     def __init__(self, blob: str, plan: ChunkPlan, node_id: str, held: Bitmap,
@@ -427,6 +427,7 @@ class BlobSwarm:
         self._near_peers = 0
         self._near = 0
         self._import = (1 << count) - 1
+        self._own_weights: list[int] | None = None  # per chunk, once a near peer joins
         self._count = count
         self._last_length = plan.length(count - 1)
         self._all = (1 << count) - 1
@@ -1074,13 +1075,16 @@ class BlobSwarm:
     def _imported_by(self, peer: _Peer) -> int:
         """The chunks ``peer`` outranks us for by rendezvous weight (ties: the greater
         name), which it imports into our rack rather than we."""
-        key, mine = peer.key, self._self_key
-        later = peer.name > self.node_id
+        chunk_keys = [self._chunk_key(index) for index in range(self._count)]
+        ours = self._own_weights
+        if ours is None:
+            ours = self._own_weights = [xxh3_64_intdigest(self._self_key, chunk)
+                                        for chunk in chunk_keys]
+        key, later = peer.key, peer.name > self.node_id
         imported = 0
-        for index in range(self._count):
-            chunk = self._chunk_key(index)
-            theirs, ours = xxh3_64_intdigest(key, chunk), xxh3_64_intdigest(mine, chunk)
-            if theirs > ours or (theirs == ours and later):
+        for index, chunk in enumerate(chunk_keys):
+            theirs = xxh3_64_intdigest(key, chunk)
+            if theirs > ours[index] or (theirs == ours[index] and later):
                 imported |= 1 << index
         return imported
 
