@@ -290,10 +290,11 @@ def _peers(args, config) -> int:
     if args.json:
         print(json.dumps(peers))
         return 0
-    print(f"{'node':34}{'address':24}{'dir':5}{'in':>12}{'out':>12}")
+    print(f"{'node':34}{'address':24}{'dir':5}{'rack':12}{'in':>12}{'out':>12}")
     for peer in peers:
         print(f"{peer['node_id']:34}{peer['address']:24}{peer['direction']:5}"
-              f"{_mib(peer['bytes_in']):>12}{_mib(peer['bytes_out']):>12}")
+              f"{peer.get('rack') or '-':12}{_mib(peer['bytes_in']):>12}"
+              f"{_mib(peer['bytes_out']):>12}")
     return 0
 
 

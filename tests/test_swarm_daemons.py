@@ -126,8 +126,11 @@ def test_rack_mates_split_what_crosses_into_their_rack(origin, cluster, tmp_path
     for i, (mate, get) in enumerate(zip(mates, gets)):
         mate.finish_get(get, GET_TIMEOUT)
         assert_same_files(tmp_path / f"mate{i}", MODEL)
-    from_seeder = [next(p["bytes_in"] for p in mate.cli_json("peers")
-                        if p["node_id"] == seeder.node_id) for mate in mates]
+    seen = [{p["node_id"]: p for p in mate.cli_json("peers")} for mate in mates]
+    from_seeder = [peers[seeder.node_id]["bytes_in"] for peers in seen]
+    if labelled:  # each mate knows the racks its peers told
+        assert [peers[seeder.node_id]["rack"] for peers in seen] == ["r1", "r1"]
+        assert seen[0][mates[1].node_id]["rack"] == "r2"
     shares = [received / MODEL_SIZE for received in from_seeder]
     if labelled:  # measured: 0.51-0.67 each, 1.15-1.24 together (a mate starts alone)
         assert max(shares) < 0.8 and sum(shares) < 1.4, shares

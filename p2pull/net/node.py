@@ -241,8 +241,9 @@ class PeerLink:
 
     def describe(self) -> dict:
         return {"node_id": self.peer_id, "address": f"{self.host}:{self.listen_port}",
-                "direction": "out" if self.outbound else "in", "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out, "blobs": sorted(self.interested | self.joined)}
+                "direction": "out" if self.outbound else "in", "rack": self.rack,
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+                "blobs": sorted(self.interested | self.joined)}
 
 
 @dataclass(eq=False)
