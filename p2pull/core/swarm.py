@@ -53,8 +53,9 @@ How chunks are sourced
 - Racks: a swarm given a rack label (the daemon's ``rack`` setting; peers tell theirs in
   ``PeerJoined``) asks a peer of another rack only for chunks no peer of its own rack holds,
   and of those only the ones it *imports*: it outranks every peer of its rack in the chunk's
-  rendezvous weight, so each chunk crosses into a rack about once, and spreads inside it.
-  While it has no request out to another rack it may ask one for any chunk its rack lacks
+  rendezvous weight, so each chunk crosses into a rack about once, and spreads inside it
+  (neither the endgame nor a request moved out of a line brings in what the rack holds).
+  With nothing coming in, it may ask another rack for one chunk its rack lacks at a time
   (its rack mates may be slow to import theirs). Without a label, or with no peer of its
   rack, nothing changes.
 
