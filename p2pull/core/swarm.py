@@ -63,7 +63,9 @@ Cost: an event costs O(1) big-int operations on chunk sets (ints, bit i = chunk 
 it changes; no event scans chunks x peers. A peer's bitmap joining or leaving costs O(its
 chunks); deciding who fetches an orphan scans the origin fetchers only until one outranks us
 (about ln of their number hashes on average; none for a node outside them). A member joining
-costs one hash and, while it ranks below the lowest fetcher, one comparison.
+costs one hash and, while it ranks below the lowest fetcher, one comparison. With a rack
+label, a peer of our rack joining costs O(chunks) hashes, and one leaving O(its rack
+mates x chunks).
 """
 
 from __future__ import annotations
@@ -812,7 +814,7 @@ class BlobSwarm:
         if reason == "rejected" and peer.bits & bit:
             peer.bits ^= bit  # it does not serve that chunk: stop counting it as a holder
             if peer.near:
-                self._count_near()
+                self._count_near(imports=False)
             if not self._rarity.dec(index) and self._rarity.wanted & bit:
                 self._orphaned(index)
         if reason in ("busy", "error"):
@@ -1030,7 +1032,7 @@ class BlobSwarm:
     def _remove_bits(self, peer: _Peer, bits: int) -> None:
         peer.bits &= ~bits
         if peer.near:
-            self._count_near()
+            self._count_near(imports=False)
         for index in set_bits(self._rarity.remove_holder(bits)):
             self._orphaned(index)
 
@@ -1097,16 +1099,19 @@ class BlobSwarm:
             if not peer.near:
                 self._fill(peer)
 
-    def _count_near(self) -> None:
-        """``_near`` and ``_import`` anew, after a near peer lost chunks or left (rare)."""
+    def _count_near(self, imports: bool = True) -> None:
+        """``_near`` anew, after a near peer lost chunks or left (rare), and ``_import``
+        too after one left (O(near peers x chunks) hashes)."""
         near = 0
         imported = self._all
         for peer in self._peers.values():
             if peer.near:
                 near |= peer.bits
-                imported &= ~self._imported_by(peer)
+                if imports:
+                    imported &= ~self._imported_by(peer)
         self._near = near
-        self._import = imported
+        if imports:
+            self._import = imported
 
     def _decide_again(self, name: str) -> None:
         """The orphans we wait on ``name`` for are decided again (it left or stopped being
