@@ -24,12 +24,12 @@ import msgpack
 from p2pull.errors import LocalProtocolError, RemoteProtocolError
 from p2pull.wire.messages import (
     HEADER_FIELDS,
-    OPTIONAL_FIELDS,
     MAX_CHUNKS_PER_BLOB,
     MAX_CLUSTER,
     MAX_PAYLOAD,
     MAX_TEXT,
     MESSAGE_TYPES,
+    OPTIONAL_FIELDS,
     ConnectionClosed,
     Message,
     Piece,
