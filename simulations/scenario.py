@@ -120,7 +120,8 @@ class Scenario:
     #: neighbours are drawn): what a discovery that connects by rack would give
     same_rack_neighbours: float | None
     #: every node knows its rack and tells it (the daemon's ``rack`` setting): its swarms
-    #: ask the peers of their rack for the chunks those hold
+    #: ask the peers of their rack for the chunks those hold, and other racks only for the
+    #: chunks they import (``BlobSwarm``); every rack mate is then a neighbour
     rack_labels: bool
     origin_up: float
     origin_rtt: float
