@@ -18,6 +18,12 @@ Shaping (LAB-NOTES: tbf shapes egress only; there is no netem, so no delay or lo
 - a node's download: tbf on the bridge-side end (egress of the bridge towards the node);
 - the origin's upload: tbf on its own end; its download: on the bridge-side end, if given.
 
+With ``racks`` > 1 the nodes are dealt round robin into racks, each a bridge of its own
+(``p2l<tag>r<k>``) joined to the main bridge, where the origin stays, by a veth pair
+(``p2l<tag>u<k>`` on the rack's side, ``p2l<tag>c<k>`` on the main bridge's): the rack's
+uplink, shaped at ``uplink`` on both ends (out of the rack, into it). It is all one
+Ethernet segment, so mDNS reaches every node.
+
 A rate of None leaves that direction unshaped. ``Lab.__exit__`` (also on an exception or
 Ctrl-C) stops every process started through ``popen`` (SIGTERM, then SIGKILL, by PID),
 then any process still inside one of the lab's namespaces (``ip netns pids``; they can only
@@ -124,6 +130,10 @@ class Lab:
     tag: str = field(default_factory=run_tag)
     subnet_octet: int | None = None
     mtu: int = 1500
+    #: racks the nodes are dealt into (1: every node on the main bridge), and the rate of
+    #: each rack's uplink, each way (bit/s; None: unshaped)
+    racks: int = 1
+    uplink: int | None = None
     hosts: list[Host] = field(default_factory=list, init=False)
     origin: Host | None = field(default=None, init=False)
     bridge_ns: str = field(default="", init=False)
@@ -134,6 +144,9 @@ class Lab:
     def __post_init__(self):
         if not 1 <= self.nodes <= 200:
             raise ValueError("a lab has 1 to 200 nodes")
+        if not 1 <= self.racks <= min(self.nodes, 9):
+            raise ValueError("a lab has 1 to 9 racks (one digit in interface names), and no "
+                             "more racks than nodes")
         ups = self.up if isinstance(self.up, list) else [self.up] * self.nodes
         downs = self.down if isinstance(self.down, list) else [self.down] * self.nodes
         if len(ups) != self.nodes or len(downs) != self.nodes:
@@ -186,10 +199,24 @@ class Lab:
                          "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6"])
         ip("-n", self.bridge_ns, "link", "add", self.bridge, "type", "bridge")
         ip("-n", self.bridge_ns, "link", "set", self.bridge, "mtu", str(self.mtu))
+        if self.racks > 1:
+            for rack in range(self.racks):
+                bridge, inside, outside = self.rack_links(rack)
+                ip("-n", self.bridge_ns, "link", "add", bridge, "type", "bridge")
+                ip("-n", self.bridge_ns, "link", "set", bridge, "mtu", str(self.mtu))
+                ip("-n", self.bridge_ns, "link", "add", inside, "mtu", str(self.mtu), "type",
+                   "veth", "peer", "name", outside)
+                ip("-n", self.bridge_ns, "link", "set", inside, "master", bridge)
+                ip("-n", self.bridge_ns, "link", "set", outside, "master", self.bridge)
+                shape(self.bridge_ns, inside, self.uplink)  # out of the rack
+                shape(self.bridge_ns, outside, self.uplink)  # into it
+                for name in (inside, outside, bridge):
+                    ip("-n", self.bridge_ns, "link", "set", name, "up")
         for host in [self.origin, *self.hosts]:
             ip("link", "add", host.ifname, "netns", host.ns, "mtu", str(self.mtu), "type",
                "veth", "peer", "name", host.peer_ifname, "netns", self.bridge_ns)
-            ip("-n", self.bridge_ns, "link", "set", host.peer_ifname, "master", self.bridge)
+            ip("-n", self.bridge_ns, "link", "set", host.peer_ifname, "master",
+               self.bridge_of(host))
             ip("-n", host.ns, "addr", "add", f"{host.address}/{self.network.prefixlen}",
                "dev", host.ifname)
             shape(host.ns, host.ifname, host.up)
@@ -197,6 +224,21 @@ class Lab:
             ip("-n", self.bridge_ns, "link", "set", host.peer_ifname, "up")
             ip("-n", host.ns, "link", "set", host.ifname, "up")
         ip("-n", self.bridge_ns, "link", "set", self.bridge, "up")
+
+    def rack_of(self, host: Host) -> int | None:
+        """The rack of a node (round robin), None for the origin or without racks."""
+        if self.racks == 1 or host is self.origin:
+            return None
+        return self.hosts.index(host) % self.racks
+
+    def rack_links(self, rack: int) -> tuple[str, str, str]:
+        """Rack ``rack``'s bridge, and its uplink's ends on the rack's and the main side."""
+        prefix = f"{PREFIX}{self.tag}"
+        return f"{prefix}r{rack}", f"{prefix}u{rack}", f"{prefix}c{rack}"
+
+    def bridge_of(self, host: Host) -> str:
+        rack = self.rack_of(host)
+        return self.bridge if rack is None else self.rack_links(rack)[0]
 
     def close(self) -> None:
         """Stop our processes, then whatever still runs in our namespaces, then delete
@@ -260,6 +302,16 @@ class Lab:
 
     def tx_bytes(self, host: Host) -> int:
         return self.counters(host)[1]
+
+    def uplink_counters(self) -> list[tuple[int, int]]:
+        """Per rack, (bytes out of it, bytes into it) through its uplink so far."""
+        out = run_checked(["ip", "-j", "-s", "-n", self.bridge_ns, "link", "show"])
+        by_ifname = {link["ifname"]: link["stats64"] for link in json.loads(out)}
+        result = []
+        for rack in range(self.racks if self.racks > 1 else 0):
+            _, inside, outside = self.rack_links(rack)
+            result.append((by_ifname[inside]["tx"]["bytes"], by_ifname[outside]["tx"]["bytes"]))
+        return result
 
     def bridge_counters(self) -> dict[str, tuple[int, int]]:
         """host name -> (bytes the host sent, bytes it received), read from the bridge-side

@@ -106,6 +106,11 @@ class Options:
     chunk_size: str | None = None
     #: more p2pull settings for every daemon, as P2PULL_* variables (name -> value)
     settings: dict[str, str] = field(default_factory=dict)
+    #: racks the nodes are dealt into (round robin; 1: none), their uplinks' rate each way
+    #: (bit/s), and whether each daemon is told its rack (P2PULL_RACK)
+    racks: int = 1
+    uplink: int | None = None
+    rack_labels: bool = False
     log: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
 
 
@@ -397,8 +402,11 @@ def phase_p2pull(ctx: Context, round_no: int) -> dict:
     for host in hosts:
         data = base / host.name
         data.mkdir(parents=True)
+        rack = lab.rack_of(host)
+        labels = {"P2PULL_RACK": f"r{rack}"} if ctx.options.rack_labels and rack is not None \
+            else {}
         envs.append(ctx.env(P2PULL_DATA_DIR=str(data), P2PULL_DISCOVERY="mdns",
-                            P2PULL_LISTEN=f"{host.address}:{PEER_PORT}"))
+                            P2PULL_LISTEN=f"{host.address}:{PEER_PORT}", **labels))
         logs.append(ctx.work / "logs" / f"p2pull-r{round_no}-{host.name}.log")
     logs[0].parent.mkdir(exist_ok=True)
     launched = time.monotonic()
@@ -417,6 +425,7 @@ def phase_p2pull(ctx: Context, round_no: int) -> dict:
         outs = [ctx.work / f"out-p2pull-r{round_no}" / h.name for h in hosts]
         argvs = [[*p2pull_command(), "get", ctx.ref, "-o", str(out), "--json"] for out in outs]
         before = lab.tx_bytes(lab.origin)
+        uplinks_before = lab.uplink_counters()
         cpu_before = [process_cpu_seconds(d.pid) for d in daemons]
         with Sampler(lab, {h.name: api for h, api in zip(hosts, apis)}) as sampler:
             if ctx.options.start == "api":
@@ -424,6 +433,9 @@ def phase_p2pull(ctx: Context, round_no: int) -> dict:
             else:
                 _, outcomes = run_everywhere(lab, hosts, argvs, envs, ctx.timeout("p2pull"))
         origin_bytes = lab.tx_bytes(lab.origin) - before
+        # what crossed each rack's uplink, out of it and into it, over F
+        uplinks = [[round((out - out0) / ctx.size, 3), round((into - into0) / ctx.size, 3)]
+                   for (out, into), (out0, into0) in zip(lab.uplink_counters(), uplinks_before)]
         cpu_used = [_round(process_cpu_seconds(d.pid) - b) if b is not None else None
                     for d, b in zip(daemons, cpu_before)]
         statuses = []
@@ -466,7 +478,8 @@ def phase_p2pull(ctx: Context, round_no: int) -> dict:
     result = phase_result("p2pull", nodes, origin_bytes, ctx.size, sampler,
                           start=ctx.options.start,
                           origin_payload_over_F=round(payload / ctx.size, 4),
-                          discovery=discovery, logs=[str(p) for p in logs])
+                          discovery=discovery, logs=[str(p) for p in logs],
+                          **({"rack_uplinks_out_in_over_F": uplinks} if uplinks else {}))
     _remove(base, *outs)
     return result
 
@@ -731,7 +744,8 @@ def run_lab(options: Options) -> dict:
     started_at = time.time()
     with tempfile.TemporaryDirectory(prefix="p2pull-lab-", dir=options.workdir) as tmp, \
             Lab(options.nodes, up=options.up, down=options.down, origin_up=options.origin_up,
-                origin_down=options.origin_down, mtu=options.mtu) as lab:
+                origin_down=options.origin_down, mtu=options.mtu, racks=options.racks,
+                uplink=options.uplink) as lab:
         work = Path(tmp)
         if options.keep:
             work = Path(tempfile.mkdtemp(prefix="p2pull-lab-kept-", dir=options.workdir))
@@ -757,6 +771,10 @@ def run_lab(options: Options) -> dict:
             say(f"round {round_no + 1}/{options.rounds}: p2pull (mDNS discovery)")
             results["p2pull"] = phase_p2pull(ctx, round_no)
             say(_phase_line(results["p2pull"]))
+            uplinks = results["p2pull"].get("rack_uplinks_out_in_over_F")
+            if uplinks:
+                say("  rack uplinks, out / in over F: " + ", ".join(
+                    f"r{rack} {out:.2f} / {into:.2f}" for rack, (out, into) in enumerate(uplinks)))
             if "origin" in options.baselines:
                 say(f"round {round_no + 1}/{options.rounds}: origin alone "
                     f"(timeout {ctx.timeout('origin'):.0f} s)")
@@ -984,6 +1002,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(e.g. origin_max_connections=8); repeatable")
     parser.add_argument("--phase-timeout", type=float,
                         help="seconds one phase may take (default: from the bound)")
+    parser.add_argument("--racks", type=int, default=1,
+                        help="deal the nodes round robin into this many racks, each a bridge "
+                             "joined to the origin's by an uplink (default 1: no racks)")
+    parser.add_argument("--uplink", default="none",
+                        help="each rack uplink's rate, each way (default none: unshaped)")
+    parser.add_argument("--rack-labels", action="store_true",
+                        help="tell each daemon its rack (P2PULL_RACK)")
     parser.add_argument("--workdir", type=Path, help="parent of the temporary directory")
     parser.add_argument("--keep", action="store_true",
                         help="keep daemon logs, model and registry in a kept directory")
@@ -1019,7 +1044,8 @@ def main(argv: list[str] | None = None) -> int:
             origin_down=parse_rate(args.origin_down_rate), size=parse_size(args.size),
             baselines=baselines, rounds=args.rounds, mtu=args.mtu, workdir=args.workdir,
             keep=args.keep, phase_timeout=args.phase_timeout, start=args.start,
-            chunk_size=args.chunk_size, settings=dict(_setting(text) for text in args.setting))
+            chunk_size=args.chunk_size, settings=dict(_setting(text) for text in args.setting),
+            racks=args.racks, uplink=parse_rate(args.uplink), rack_labels=args.rack_labels)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
