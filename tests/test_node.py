@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from p2pull.config import load_config
-from p2pull.core.swarm import UploadLine
+from p2pull.core.swarm import SwarmConfig, UploadLine
 from p2pull.net.node import Node
 from p2pull.wire import Line
 from p2pull.store.cas import Store
@@ -122,3 +122,41 @@ async def test_a_line_notice_reaches_the_swarms_of_the_blobs_the_peer_shares(tmp
     assert await node._dispatch(link, Line(False))
     expected = [UploadLine("peer", True), UploadLine("peer", False)]
     assert heard == {"a": expected, "b": expected, "c": []}
+
+
+async def test_a_piece_trickling_in_still_shows_its_sender_alive(tmp_path):
+    """The reader asks the socket to wake it only once 256 KiB of a payload are in
+    (SO_RCVLOWAT); through a congested rack uplink a piece can take seconds to get that
+    far, and a peer heard nothing from for origin_wait_limit counts as silent (its orphans
+    go to the origin again). After RECEIVE_PATIENCE the reader takes what is there."""
+    import trio
+
+    from p2pull.net.node import RECEIVE_PATIENCE, PeerLink
+    from p2pull.wire import Piece
+    from p2pull.wire.codec import encode_piece_head
+    from tests.wire_pair import ConnectionPair
+
+    node = node_with(tmp_path)
+    pair = ConnectionPair(allocate=(node.payload_pool.allocate, None))  # as the node's links
+    pair.handshake()
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        sender = await trio.open_tcp_stream("127.0.0.1", port)
+        ours = await listeners[0].accept()
+        link = PeerLink("peer", "127.0.0.1", port, False, ours, pair.conn["a"])
+        nursery.start_soon(node._read, link, [])
+        blob = "sha256:" + "ab" * 32
+        head = encode_piece_head(Piece(blob, 0, bytes(16), b""), 1024 * 1024)
+        await sender.send_all(head + bytes(64 * 1024))  # a megabyte piece's first 64 KiB
+        with trio.fail_after(5):  # read at once, with the header
+            while link.bytes_in < len(head) + 64 * 1024:
+                await trio.sleep(0.01)
+        await sender.send_all(bytes(8 * 1024))  # the next 8 KiB, then nothing for a while
+        with trio.fail_after(SwarmConfig().origin_wait_limit):
+            while link.bytes_in < len(head) + 72 * 1024:
+                await trio.sleep(0.01)
+        assert link.alive_at >= trio.current_time() - RECEIVE_PATIENCE - 0.5
+        nursery.cancel_scope.cancel()
+    await sender.aclose()
+    await listeners[0].aclose()
