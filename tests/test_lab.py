@@ -48,18 +48,23 @@ def _unavailable() -> str | None:
 pytestmark = pytest.mark.skipif(bool(_unavailable()), reason=_unavailable() or "")
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory) -> dict:
+def run_small_lab(workdir, **options) -> dict:
+    """The p2pull phase of a 4-node lab, gets posted to the daemons at once."""
     lines: list[str] = []
-    options = Options(nodes=NODES, up=RATE, down=RATE, origin_up=RATE, size=SIZE,
-                      baselines=(), rounds=1, workdir=tmp_path_factory.mktemp("lab"),
-                      phase_timeout=PHASE_TIMEOUT, start="api", log=lines.append)
     try:
-        result = run_lab(options)
+        result = run_lab(Options(nodes=NODES, up=RATE, down=RATE, origin_up=RATE, size=SIZE,
+                                 baselines=(), rounds=1, workdir=workdir,
+                                 phase_timeout=PHASE_TIMEOUT, start="api", log=lines.append,
+                                 **options))
     except Exception as exc:
         raise AssertionError(f"the lab failed: {exc}\n" + "\n".join(lines)) from exc
     result["log"] = lines
     return result
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    return run_small_lab(tmp_path_factory.mktemp("lab"))
 
 
 def test_every_node_gets_byte_identical_files(report):
@@ -100,17 +105,8 @@ INTO_RACK_LIMIT = 1.2
 
 @pytest.fixture(scope="module")
 def rack_report(tmp_path_factory) -> dict:
-    lines: list[str] = []
-    options = Options(nodes=NODES, up=RATE, down=RATE, origin_up=RATE, size=SIZE,
-                      baselines=(), rounds=1, workdir=tmp_path_factory.mktemp("racks"),
-                      phase_timeout=PHASE_TIMEOUT, start="api", log=lines.append,
-                      racks=2, uplink=UPLINK, rack_labels=True)
-    try:
-        result = run_lab(options)
-    except Exception as exc:
-        raise AssertionError(f"the lab failed: {exc}\n" + "\n".join(lines)) from exc
-    result["log"] = lines
-    return result
+    return run_small_lab(tmp_path_factory.mktemp("racks"), racks=2, uplink=UPLINK,
+                         rack_labels=True)
 
 
 def test_across_racks_mdns_finds_every_peer_and_every_node_gets_the_model(rack_report):
