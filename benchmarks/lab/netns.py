@@ -303,10 +303,15 @@ class Lab:
     def tx_bytes(self, host: Host) -> int:
         return self.counters(host)[1]
 
+    def _bridge_side_stats(self) -> dict[str, dict]:
+        """Interface name -> its stats64, for every interface of the bridge namespace, read
+        in one command."""
+        out = run_checked(["ip", "-j", "-s", "-n", self.bridge_ns, "link", "show"])
+        return {link["ifname"]: link["stats64"] for link in json.loads(out)}
+
     def uplink_counters(self) -> list[tuple[int, int]]:
         """Per rack, (bytes out of it, bytes into it) through its uplink so far."""
-        out = run_checked(["ip", "-j", "-s", "-n", self.bridge_ns, "link", "show"])
-        by_ifname = {link["ifname"]: link["stats64"] for link in json.loads(out)}
+        by_ifname = self._bridge_side_stats()
         result = []
         for rack in range(self.racks if self.racks > 1 else 0):
             _, inside, outside = self.rack_links(rack)
@@ -316,8 +321,7 @@ class Lab:
     def bridge_counters(self) -> dict[str, tuple[int, int]]:
         """host name -> (bytes the host sent, bytes it received), read from the bridge-side
         ends in one command (rx there is what the host sent)."""
-        out = run_checked(["ip", "-j", "-s", "-n", self.bridge_ns, "link", "show"])
-        by_ifname = {link["ifname"]: link["stats64"] for link in json.loads(out)}
+        by_ifname = self._bridge_side_stats()
         result = {}
         for host in [self.origin, *self.hosts]:
             stats = by_ifname.get(host.peer_ifname)

@@ -423,17 +423,17 @@ class BlobSwarm:
         self.config = config
         self._rng = rng if rng is not None else random.Random(0)
         self._liveness = liveness
+        self._count = count
+        self._last_length = plan.length(count - 1)
+        self._all = (1 << count) - 1
         #: our rack label (None: none); the peers of our rack ("near"), how many; the chunks
         #: they hold, which we ask of them only; the chunks we import into the rack (we
         #: outrank each near peer for them)
         self._rack = rack
         self._near_peers = 0
         self._near = 0
-        self._import = (1 << count) - 1
+        self._import = self._all
         self._own_weights: list[int] | None = None  # per chunk, once a near peer joins
-        self._count = count
-        self._last_length = plan.length(count - 1)
-        self._all = (1 << count) - 1
         self._missing = self._all ^ held.to_int()
         self._rarity = Rarity(count)
         self._rarity.wanted = self._missing  # nobody holds anything yet: all orphans
@@ -1439,7 +1439,7 @@ class BlobSwarm:
         config = self.config
         if self._first_origin_fetch is None:
             if 0 < config.origin_fetchers <= len(self._members):  # not all nodes fetch
-                return max(config.origin_stall_limit, config.origin_silence_limit)
+                return config.origin_silence_limit  # at least the stall limit (SwarmConfig)
             return config.origin_stall_limit
         pace = self._origin_chunk_seconds
         if self._origin_count or pace is None:
