@@ -265,6 +265,8 @@ class ChunkEngine:
         self.requests = 0
         self.busy = 0
         self.events = 0
+        #: PeerHave events handed to swarms: a transfer's fan-out, most of a run's work
+        self.have_deliveries = 0
         self._alive_at: dict[int, float] = {}
         #: per node and blob, its PeerJoined while its holdings stay the same (None: none)
         self._joined: list[list[PeerJoined | None]] = [[None] * len(self.blobs)
@@ -361,6 +363,7 @@ class ChunkEngine:
         apply = self._apply
         net = self.net
         events = 0
+        deliveries = 0
         multi = len(self.blobs) > 1
         have_audience = self.have_audience
         ids = self.ids
@@ -400,7 +403,9 @@ class ChunkEngine:
                     # return no actions, and the Have's swarm reads nothing of theirs: the
                     # same decisions as telling each receiver both in turn)
                     self._progress_seen_by_audience(a, b, now)
-                for swarm in have_audience[b][a]:
+                audience = have_audience[b][a]
+                deliveries += len(audience)
+                for swarm in audience:
                     acts = swarm.handle(c, now)
                     if acts:
                         apply(ids[swarm.node_id], b, acts, now)
@@ -419,6 +424,7 @@ class ChunkEngine:
                 handlers[kind](a, b, c, now)
         self.end = min(now, limit)
         self.events = events
+        self.have_deliveries += deliveries
         self.wall = time.perf_counter() - started
         self._on_sample(True, None, None, self.end)
         return self._result()
@@ -441,6 +447,7 @@ class ChunkEngine:
                 self._progress_seen(sender, receiver, blob, now)
             swarm = node_swarms[blob]
             if not swarm.complete:
+                self.have_deliveries += 1
                 acts = swarm.handle(have, now)
                 if acts:
                     self._apply(receiver, blob, acts, now)
@@ -944,6 +951,7 @@ class ChunkEngine:
                       "transfers": self.pieces + self.origin_pieces,
                       "peer_pieces": self.pieces, "origin_pieces": self.origin_pieces,
                       "requests": self.requests, "busy": self.busy,
+                      "have_deliveries": self.have_deliveries,
                       "rate_interval": self.rate_interval,
                       "neighbours_max": max((len(g) for g in self.graph), default=0)},
         }

@@ -256,6 +256,24 @@ def test_chunk_engine_is_reproducible(tiny_result):
         [n["seconds"] for n in tiny_result["nodes"]]
 
 
+def test_chunk_engine_counts_every_have_it_hands_to_a_swarm(monkeypatch):
+    """``stats.have_deliveries`` (the fan-out the speed benchmark reports) is the number
+    of PeerHave events the swarms were given, those of origin chunks included."""
+    handed = []
+    handle = chunk_engine.BlobSwarm.handle
+
+    def counting(swarm, event, now):
+        if type(event) is chunk_engine.PeerHave:
+            handed.append(event)
+        return handle(swarm, event, now)
+
+    monkeypatch.setattr(chunk_engine.BlobSwarm, "handle", counting)
+    result = chunk_engine.run(load("tiny"))
+    assert result["stats"]["have_deliveries"] == len(handed)
+    # each of the 5 others hears of a chunk unless it holds the whole blob by then
+    assert result["stats"]["transfers"] < len(handed) < 5 * result["stats"]["transfers"]
+
+
 def test_p2pull_takes_each_byte_from_the_origin_once(tiny_result):
     assert tiny_result["origin_bytes"] == tiny_result["size_bytes"]
     t_min = tiny_result["bound"]["t_min_seconds"]
