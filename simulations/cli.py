@@ -2,6 +2,7 @@
 
     python -m simulations run lab [--engine chunk|fluid] [--out DIR] [--set key=value ...]
     python -m simulations sweep lab --param chunk_size --values 1MiB,4MiB,16MiB [--out DIR]
+        [--jobs N]
 
 SCENARIO is a file or a name in simulations/scenarios/. Without ``--out`` nothing is
 written; the summary is printed either way. Exit status: 0 done, 1 some expected node did
@@ -10,6 +11,7 @@ not finish within the time limit, 2 bad arguments or scenario."""
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import json
 import sys
@@ -44,11 +46,36 @@ class _ProgressLines:
               file=sys.stderr, flush=True)
 
 
-def run_one(scenario_name: str, engine: str, overrides: list[str], seed: int | None = None):
+def run_one(scenario_name: str, engine: str, overrides: list[str], seed: int | None = None,
+            progress: bool = True):
     scenario = load(scenario_name, overrides)
     if engine == "chunk":
-        return chunk_engine.run(scenario, seed, _ProgressLines())
+        return chunk_engine.run(scenario, seed, _ProgressLines() if progress else None)
     return ENGINES[engine](scenario, seed)
+
+
+def _sweep_results(args, values: list[str]):
+    """Each value's result, in the order of ``values``. With ``--jobs`` above 1 the runs go
+    to that many processes (each run is one core's work, and its result is the same as in
+    one process: a run's randomness comes from its seed alone); their progress lines are
+    left out, as they would interleave."""
+    overrides = [args.set + [f"{args.param}={value}"] for value in values]
+    # every value is checked before a run starts, not when its turn comes
+    for each in overrides:
+        load(args.scenario, each)
+    if args.jobs <= 1:
+        for each in overrides:
+            yield run_one(args.scenario, args.engine, each, args.seed)
+        return
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(run_one, args.scenario, args.engine, each, args.seed, False)
+                   for each in overrides]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
 
 
 def _cmd_run(args) -> int:
@@ -69,9 +96,7 @@ def _cmd_sweep(args) -> int:
     values = [v.strip() for v in args.values.split(",") if v.strip()]
     rows = []
     status = 0
-    for value in values:
-        result = run_one(args.scenario, args.engine, args.set + [f"{args.param}={value}"],
-                         args.seed)
+    for value, result in zip(values, _sweep_results(args, values)):
         s = report.summary(result)
         row = {"value": value, **s, "wall_seconds": result["stats"]["wall_seconds"]}
         rows.append(row)
@@ -113,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--param", required=True,
                              help="the key to vary (dotted, or a short name: chunk_size)")
             sub.add_argument("--values", required=True, help="comma-separated values")
+            sub.add_argument("--jobs", type=int, default=1,
+                             help="runs at once, each in its own process (default 1)")
     args = parser.parse_args(argv)
+    if getattr(args, "jobs", 1) < 1:
+        parser.error("--jobs must be at least 1")
     try:
         return _cmd_run(args) if args.command == "run" else _cmd_sweep(args)
     except (ValueError, FileNotFoundError) as exc:

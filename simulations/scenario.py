@@ -234,11 +234,11 @@ def from_dict(data: dict[str, Any], name: str = "scenario") -> Scenario:
     default_rate = nodes.get("rate", "1Gbit")
     if "groups" in nodes:
         groups = tuple(
-            NodeGroup(int(g["count"]), parse_rate(g.get("up", g.get("rate", default_rate))),
+            NodeGroup(_whole(g, "count", None, "nodes.groups"), parse_rate(g.get("up", g.get("rate", default_rate))),
                       parse_rate(g.get("down", g.get("rate", default_rate))))
             for g in nodes["groups"])
     else:
-        groups = (NodeGroup(int(nodes.get("count", 8)),
+        groups = (NodeGroup(_whole(nodes, "count", 8, "nodes"),
                             parse_rate(nodes.get("up", default_rate)),
                             parse_rate(nodes.get("down", default_rate))),)
     if sum(g.count for g in groups) < 1 or any(g.count < 0 or g.up <= 0 or g.down <= 0
@@ -293,22 +293,21 @@ def from_dict(data: dict[str, Any], name: str = "scenario") -> Scenario:
         description=str(data.get("description", "")),
         groups=groups,
         rtt=parse_time(nodes.get("rtt", "0.5ms")),
-        neighbours=int(nodes.get("neighbours", 40)),
-        upload_slots=int(nodes.get("upload_slots", 16)),
+        neighbours=_whole(nodes, "neighbours", 40, "nodes"),
+        upload_slots=_whole(nodes, "upload_slots", 16, "nodes"),
         when_busy=str(nodes.get("when_busy", "queue")),
         membership=str(nodes.get("membership", "all")),
-        racks=int(racks.get("count", 1)),
-        oversubscription=float(racks.get("oversubscription", 1.0)),
-        same_rack_neighbours=(None if racks.get("same_rack_neighbours") is None
-                              else float(racks["same_rack_neighbours"])),
+        racks=_whole(racks, "count", 1, "racks"),
+        oversubscription=_number(racks, "oversubscription", 1.0, "racks"),
+        same_rack_neighbours=_number(racks, "same_rack_neighbours", None, "racks"),
         rack_labels=_flag(racks.get("labels", False), "racks.labels"),
         origin_up=parse_rate(origin.get("up", default_rate)),
         origin_rtt=parse_time(origin.get("rtt", nodes.get("rtt", "0.5ms"))),
-        origin_connections=int(origin.get("connections", 16)),
+        origin_connections=_whole(origin, "connections", 16, "origin"),
         arrivals=mode,
         arrival_interval=parse_time(arrivals.get("interval", 0)),
         linger=math.inf if linger in ("inf", math.inf) else parse_time(linger),
-        abort_fraction=float(arrivals.get("abort_fraction", 0.0)),
+        abort_fraction=_number(arrivals, "abort_fraction", 0.0, "arrivals"),
         abort_within=parse_time(arrivals.get("abort_within", 10)),
         layers=layers,
         chunk_size=chunk_size,
@@ -319,10 +318,33 @@ def from_dict(data: dict[str, Any], name: str = "scenario") -> Scenario:
         rate_interval=optional_time(sim, "rate_interval"),
         sample_interval=optional_time(sim, "sample_interval"),
         time_limit=optional_time(sim, "time_limit"),
-        seed=int(data.get("seed", 1)),
+        seed=_whole(data, "seed", 1, ""),
     )
     _check(scenario)
     return scenario
+
+
+def _whole(table: dict, key: str, default: int | None, where: str) -> int:
+    """``table[key]`` as an int, or ``default``; ``where`` names the table in the error."""
+    value = table.get(key, default)
+    try:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where + '.' if where else ''}{key} {value!r}: "
+                         f"give a whole number") from None
+
+
+def _number(table: dict, key: str, default: float | None, where: str) -> float | None:
+    """``table[key]`` as a float, or ``default`` (which may be None: not set)."""
+    value = table.get(key, default)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}.{key} {value!r}: give a number") from None
 
 
 def _check(scenario: Scenario) -> None:

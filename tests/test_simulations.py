@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -134,6 +135,12 @@ def test_overrides_and_unknown_keys():
         from_dict(apply_overrides(read("tiny"), ["nodes.colour=blue"]))
     with pytest.raises(ValueError, match="strategy"):
         from_dict(apply_overrides(read("tiny"), ["strategy=telepathy"]))
+    for override, message in (("nodes.count=many", "nodes.count 'many': give a whole number"),
+                              ("nodes.count=2.5", "nodes.count 2.5: give a whole number"),
+                              ("racks.oversubscription=lots",
+                               "racks.oversubscription 'lots': give a number")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            from_dict(apply_overrides(read("tiny"), [override]))
 
 
 def test_the_strategies_set_the_swarm():
@@ -412,6 +419,26 @@ def test_cli_sweep_writes_a_curve(tmp_path):
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     assert [row["value"] for row in rows] == ["2", "8", "32"]
     assert (tmp_path / "sweep_nodes_count.png").stat().st_size > 0
+
+
+def test_cli_sweep_in_several_processes_gives_the_same_rows(tmp_path):
+    sweep = ["sweep", "tiny", "--param", "nodes.count", "--values", "3,5,4", "--no-plots"]
+    assert cli.main(sweep + ["--out", str(tmp_path / "one")]) == 0
+    assert cli.main(sweep + ["--out", str(tmp_path / "three"), "--jobs", "3"]) == 0
+
+    def rows(name):
+        data = json.loads((tmp_path / name / "sweep.json").read_text())["rows"]
+        return [{k: v for k, v in row.items() if k != "wall_seconds"} for row in data]
+    assert [row["nodes"] for row in rows("three")] == [3, 5, 4]
+    assert rows("three") == rows("one")
+
+
+def test_cli_sweep_checks_every_value_before_it_runs_one(capsys, monkeypatch):
+    ran = []
+    monkeypatch.setattr(cli, "run_one", lambda *args, **kwargs: ran.append(args))
+    assert cli.main(["sweep", "tiny", "--param", "nodes.count", "--values", "3,many"]) == 2
+    assert ran == []
+    assert "error" in capsys.readouterr().err
 
 
 def test_cli_rejects_a_bad_scenario(capsys):
