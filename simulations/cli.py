@@ -145,6 +145,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--jobs must be at least 1")
     try:
         return _cmd_run(args) if args.command == "run" else _cmd_sweep(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # tomllib's errors are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return 2

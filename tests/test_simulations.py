@@ -441,9 +441,14 @@ def test_cli_sweep_checks_every_value_before_it_runs_one(capsys, monkeypatch):
     assert "error" in capsys.readouterr().err
 
 
-def test_cli_rejects_a_bad_scenario(capsys):
+def test_cli_rejects_a_bad_scenario(capsys, tmp_path):
     assert cli.main(["run", "no-such-scenario"]) == 2
     assert "no scenario" in capsys.readouterr().err
+    assert cli.main(["run", str(tmp_path)]) == 2
+    assert "Is a directory" in capsys.readouterr().err
+    (tmp_path / "broken.toml").write_text("[nodes\ncount = 3\n")
+    assert cli.main(["run", str(tmp_path / "broken.toml")]) == 2
+    assert "line 1" in capsys.readouterr().err
 
 
 def test_each_node_streams_its_share_of_the_origin_connections(monkeypatch):
