@@ -15,6 +15,7 @@ TOML value when it parses as one (``4``, ``0.5``, ``true``), as a string otherwi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import tomllib
@@ -234,11 +235,12 @@ def from_dict(data: dict[str, Any], name: str = "scenario") -> Scenario:
     default_rate = nodes.get("rate", "1Gbit")
     if "groups" in nodes:
         groups = tuple(
-            NodeGroup(_whole(g, "count", None, "nodes.groups"), parse_rate(g.get("up", g.get("rate", default_rate))),
+            NodeGroup(_whole(g.get("count"), "nodes.groups.count"),
+                      parse_rate(g.get("up", g.get("rate", default_rate))),
                       parse_rate(g.get("down", g.get("rate", default_rate))))
             for g in nodes["groups"])
     else:
-        groups = (NodeGroup(_whole(nodes, "count", 8, "nodes"),
+        groups = (NodeGroup(_whole(nodes.get("count", 8), "nodes.count"),
                             parse_rate(nodes.get("up", default_rate)),
                             parse_rate(nodes.get("down", default_rate))),)
     if sum(g.count for g in groups) < 1 or any(g.count < 0 or g.up <= 0 or g.down <= 0
@@ -293,21 +295,22 @@ def from_dict(data: dict[str, Any], name: str = "scenario") -> Scenario:
         description=str(data.get("description", "")),
         groups=groups,
         rtt=parse_time(nodes.get("rtt", "0.5ms")),
-        neighbours=_whole(nodes, "neighbours", 40, "nodes"),
-        upload_slots=_whole(nodes, "upload_slots", 16, "nodes"),
+        neighbours=_whole(nodes.get("neighbours", 40), "nodes.neighbours"),
+        upload_slots=_whole(nodes.get("upload_slots", 16), "nodes.upload_slots"),
         when_busy=str(nodes.get("when_busy", "queue")),
         membership=str(nodes.get("membership", "all")),
-        racks=_whole(racks, "count", 1, "racks"),
-        oversubscription=_number(racks, "oversubscription", 1.0, "racks"),
-        same_rack_neighbours=_number(racks, "same_rack_neighbours", None, "racks"),
+        racks=_whole(racks.get("count", 1), "racks.count"),
+        oversubscription=_number(racks.get("oversubscription", 1.0), "racks.oversubscription"),
+        same_rack_neighbours=_number(racks.get("same_rack_neighbours"),
+                                     "racks.same_rack_neighbours"),
         rack_labels=_flag(racks.get("labels", False), "racks.labels"),
         origin_up=parse_rate(origin.get("up", default_rate)),
         origin_rtt=parse_time(origin.get("rtt", nodes.get("rtt", "0.5ms"))),
-        origin_connections=_whole(origin, "connections", 16, "origin"),
+        origin_connections=_whole(origin.get("connections", 16), "origin.connections"),
         arrivals=mode,
         arrival_interval=parse_time(arrivals.get("interval", 0)),
         linger=math.inf if linger in ("inf", math.inf) else parse_time(linger),
-        abort_fraction=_number(arrivals, "abort_fraction", 0.0, "arrivals"),
+        abort_fraction=_number(arrivals.get("abort_fraction", 0.0), "arrivals.abort_fraction"),
         abort_within=parse_time(arrivals.get("abort_within", 10)),
         layers=layers,
         chunk_size=chunk_size,
@@ -318,33 +321,27 @@ def from_dict(data: dict[str, Any], name: str = "scenario") -> Scenario:
         rate_interval=optional_time(sim, "rate_interval"),
         sample_interval=optional_time(sim, "sample_interval"),
         time_limit=optional_time(sim, "time_limit"),
-        seed=_whole(data, "seed", 1, ""),
+        seed=_whole(data.get("seed", 1), "seed"),
     )
     _check(scenario)
     return scenario
 
 
-def _whole(table: dict, key: str, default: int | None, where: str) -> int:
-    """``table[key]`` as an int, or ``default``; ``where`` names the table in the error."""
-    value = table.get(key, default)
-    try:
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where + '.' if where else ''}{key} {value!r}: "
-                         f"give a whole number") from None
+def _whole(value: Any, where: str) -> int:
+    """``value`` as an int (a whole float or a numeral too); ``where`` names its key."""
+    if not (isinstance(value, float) and not value.is_integer()):
+        with contextlib.suppress(TypeError, ValueError):
+            return int(value)
+    raise ValueError(f"{where} {value!r}: give a whole number")
 
 
-def _number(table: dict, key: str, default: float | None, where: str) -> float | None:
-    """``table[key]`` as a float, or ``default`` (which may be None: not set)."""
-    value = table.get(key, default)
+def _number(value: Any, where: str) -> float | None:
+    """``value`` as a float; None stays None (not set)."""
     if value is None:
         return None
-    try:
+    with contextlib.suppress(TypeError, ValueError):
         return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}.{key} {value!r}: give a number") from None
+    raise ValueError(f"{where} {value!r}: give a number")
 
 
 def _check(scenario: Scenario) -> None:
