@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from simulations import chunk_engine, fluid_engine, report
-from simulations.scenario import load
+from simulations.scenario import Scenario, load
 
 ENGINES = {"chunk": chunk_engine.run, "fluid": fluid_engine.run}
 
@@ -46,9 +46,8 @@ class _ProgressLines:
               file=sys.stderr, flush=True)
 
 
-def run_one(scenario_name: str, engine: str, overrides: list[str], seed: int | None = None,
-            progress: bool = True):
-    scenario = load(scenario_name, overrides)
+def run_scenario(scenario: Scenario, engine: str, seed: int | None = None,
+                 progress: bool = True):
     if engine == "chunk":
         return chunk_engine.run(scenario, seed, _ProgressLines() if progress else None)
     return ENGINES[engine](scenario, seed)
@@ -59,17 +58,15 @@ def _sweep_results(args, values: list[str]):
     to that many processes (each run is one core's work, and its result is the same as in
     one process: a run's randomness comes from its seed alone); their progress lines are
     left out, as they would interleave."""
-    overrides = [args.set + [f"{args.param}={value}"] for value in values]
-    # every value is checked before a run starts, not when its turn comes
-    for each in overrides:
-        load(args.scenario, each)
+    # every value is loaded, so checked, before a run starts, not when its turn comes
+    scenarios = [load(args.scenario, args.set + [f"{args.param}={value}"]) for value in values]
     if args.jobs <= 1:
-        for each in overrides:
-            yield run_one(args.scenario, args.engine, each, args.seed)
+        for scenario in scenarios:
+            yield run_scenario(scenario, args.engine, args.seed)
         return
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_one, args.scenario, args.engine, each, args.seed, False)
-                   for each in overrides]
+        futures = [pool.submit(run_scenario, scenario, args.engine, args.seed, False)
+                   for scenario in scenarios]
         try:
             for future in futures:
                 yield future.result()
@@ -79,7 +76,7 @@ def _sweep_results(args, values: list[str]):
 
 
 def _cmd_run(args) -> int:
-    result = run_one(args.scenario, args.engine, args.set, args.seed)
+    result = run_scenario(load(args.scenario, args.set), args.engine, args.seed)
     print(report.format_summary(result))
     if args.out:
         out = Path(args.out)

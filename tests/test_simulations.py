@@ -435,7 +435,7 @@ def test_cli_sweep_in_several_processes_gives_the_same_rows(tmp_path):
 
 def test_cli_sweep_checks_every_value_before_it_runs_one(capsys, monkeypatch):
     ran = []
-    monkeypatch.setattr(cli, "run_one", lambda *args, **kwargs: ran.append(args))
+    monkeypatch.setattr(cli, "run_scenario", lambda *args, **kwargs: ran.append(args))
     assert cli.main(["sweep", "tiny", "--param", "nodes.count", "--values", "3,many"]) == 2
     assert ran == []
     assert "error" in capsys.readouterr().err
